@@ -1,0 +1,120 @@
+r"""The AGR rule on per-segment sums: the one place that holds the geometry and its zero policy.
+
+Both implementations (the loop and the fused path) reduce every segment to three sums,
+:math:`d = \langle a, c\rangle`, :math:`\lVert a\rVert^2`, :math:`\lVert c\rVert^2`, and then
+ask this module for two coefficients per segment so that the reconstructed gradient is
+
+.. math:: r = k_a\, a + k_c\, c .
+
+The coefficients are degree-0 homogeneous in :math:`(a, c)`, so the sums may be taken of
+``a / s`` and ``c / s`` for any common scale ``s > 0`` (the implementations do this to keep
+squares of huge or tiny gradients inside the floating-point range); only the norms, and so
+the clipping, need ``s`` back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._stats import ReconstructionStats
+
+
+class Coefficients(NamedTuple):
+    adversarial: Tensor  # k_a, shape [S], clipping included
+    clean: Tensor  # k_c, shape [S], clipping included
+    stats: ReconstructionStats
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for the element-wise sums: float32 at least ("sums in at least float32")."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coefficient_dtype(device: torch.device) -> torch.dtype:
+    """Dtype for the [S]-sized coefficient maths: float64, except where a device lacks it.
+
+    The tensors are tiny, and float64 keeps ``1 - cos`` and ``(1 - cos)(1 + cos)`` exact
+    enough that the coefficients add no error of their own to float32 sums.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def coefficients(
+    dot: Tensor,
+    sq_adversarial: Tensor,
+    sq_clean: Tensor,
+    *,
+    scale: Tensor | None = None,
+    clip_norm: float | None,
+    rounding: float = 0.0,
+) -> Coefficients:
+    r"""Turn per-segment sums into the AGR coefficients :math:`(k_a, k_c)`.
+
+    With :math:`\cos = d / (\lVert a\rVert \lVert c\rVert)` (0 when either norm is 0):
+
+    - :math:`\cos \le 0` (projection): :math:`k_a = 1`, :math:`k_c = -d/\lVert c\rVert^2`
+      (:math:`k_c = 0` when :math:`c = 0`: projecting onto a zero vector changes nothing);
+    - :math:`\cos > 0` (interpolation): :math:`k_a = 1 - \cos`, :math:`k_c = \cos`;
+    - clipping multiplies both by :math:`\min(1, \text{clip\_norm}/\lVert r\rVert)`, with
+      :math:`\lVert r\rVert^2 = \lVert a\rVert^2 (1-\cos)(1+\cos)` when projecting and
+      :math:`(1-\cos)^2\lVert a\rVert^2 + 2\cos(1-\cos)\,d + \cos^2\lVert c\rVert^2` when
+      interpolating (both written so that no term can cancel another).
+
+    Args:
+        dot, sq_adversarial, sq_clean: ``[S]`` sums of ``a/s * c/s``, ``(a/s)^2``, ``(c/s)^2``.
+        scale: ``[S]`` common scale ``s`` of each segment (``None``: 1).
+        clip_norm: the clipping threshold, or ``None``.
+        rounding: relative rounding error of the combine ``k_a a + k_c c`` in the output dtype.
+            The norm used for clipping never goes below that rounding noise, so that a result
+            which is all rounding noise (``c = -k a`` exactly) is clipped too, not passed on.
+
+    Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
+    """
+    dtype = coefficient_dtype(dot.device)
+    dot, sq_a, sq_c = dot.to(dtype), sq_adversarial.to(dtype), sq_clean.to(dtype)
+    norm_a, norm_c = sq_a.sqrt(), sq_c.sqrt()
+    denominator = norm_a * norm_c
+    # The zero policy, in one place: a zero gradient has cosine 0, and a projection onto a
+    # zero clean gradient is the identity. `where` keeps NaN flowing (NaN > 0 is False, but
+    # then `dot` is NaN too and reaches k_c below).
+    nonzero = denominator > 0
+    cosine = torch.where(nonzero, dot / torch.where(nonzero, denominator, 1.0), 0.0)
+    cosine = torch.where(cosine.isnan(), cosine, cosine.clamp(-1.0, 1.0))
+    projected = cosine <= 0
+    clean_nonzero = sq_c > 0
+    projection = torch.where(clean_nonzero, -dot / torch.where(clean_nonzero, sq_c, 1.0), 0.0)
+    projection = torch.where(dot.isnan(), dot, projection)
+    k_a = torch.where(projected, 1.0, 1.0 - cosine)
+    k_c = torch.where(projected, projection, cosine)
+
+    one_minus = 1.0 - cosine
+    sq_r = torch.where(
+        projected,
+        sq_a * one_minus * (1.0 + cosine),
+        one_minus * one_minus * sq_a + 2.0 * cosine * one_minus * dot + cosine * cosine * sq_c,
+    ).clamp_min(0.0)
+    norm_r = sq_r.sqrt()
+    if scale is not None:
+        scale = scale.to(dtype)
+        norm_a, norm_c, norm_r = norm_a * scale, norm_c * scale, norm_r * scale
+    if clip_norm is None:
+        clip_scale = torch.ones_like(norm_r)
+    else:
+        noise = rounding * (k_a.abs() * norm_a + k_c.abs() * norm_c)
+        bound = torch.sqrt(norm_r * norm_r + noise * noise)
+        # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
+        clip_scale = torch.where(bound > 0, clip_norm / torch.where(bound > 0, bound, 1.0), 1.0)
+        clip_scale = torch.where(clip_scale.isnan(), clip_scale, clip_scale.clamp(max=1.0))
+        clip_scale = torch.where(norm_r.isnan(), norm_r, clip_scale)
+    stats = ReconstructionStats(
+        cosine=cosine,
+        projected=projected,
+        norm_adversarial=norm_a,
+        norm_clean=norm_c,
+        norm_reconstructed=norm_r,
+        clip_scale=clip_scale,
+    )
+    return Coefficients(k_a * clip_scale, k_c * clip_scale, stats)

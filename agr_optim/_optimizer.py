@@ -1,0 +1,390 @@
+"""``AGROptimizer``: AGR as a drop-in wrapper around any ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import _run, validate_clip_norm, validate_granularity, validate_gradients
+from ._stats import ReconstructionStats
+
+__all__ = ["AGROptimizer"]
+
+GRANULARITIES = ("tensor", "group", "global")
+_STATE_KEY = "agr"
+
+
+class AGROptimizer(Optimizer):
+    r"""Adaptive Gradient Reconstruction around an inner optimizer.
+
+    Tong et al., *Adversarial Training with Adaptive Gradient Reconstruction*, ACM MM 2024.
+    Each training step computes two gradients, the clean :math:`c` (loss on natural inputs)
+    and the adversarial :math:`a` (loss on attacked inputs). One of them is stashed with
+    :meth:`stash_clean` (or :meth:`stash_adversarial`), the other is left in ``.grad`` by the
+    second backward pass, and :meth:`step` replaces ``.grad`` by, per segment,
+
+    .. math::
+
+        r = \begin{cases}
+            a - \frac{\langle a, c\rangle}{\lVert c\rVert^2}\, c & \cos(a, c) \le 0\\
+            \cos\cdot c + (1 - \cos)\cdot a & \cos(a, c) > 0
+        \end{cases},
+        \qquad r \leftarrow r\cdot\min\!\Big(1, \frac{\text{clip\_norm}}{\lVert r\rVert}\Big),
+
+    then calls the inner optimizer's ``step()``, whose momentum, weight decay and learning
+    rate act on :math:`r`. During the warm start (the first ``start_step`` steps) the update
+    is :math:`a`, unchanged and unclipped, as in the paper, which starts AGR at epoch 155 of 200.
+
+    The wrapper shares the inner optimizer's ``param_groups``, ``state`` and ``defaults``
+    (the objects, not copies), so LR schedulers, ``add_param_group`` and checkpoints act on
+    the inner optimizer.
+
+    Args:
+        optimizer: the inner optimizer (SGD with momentum in the paper; any torch optimizer).
+        clip_norm: clip each segment's reconstructed gradient to this norm; ``None`` for no
+            clipping. The paper's code uses 0.1 per tensor.
+        start_step: number of initial steps that use the adversarial gradient alone.
+        granularity: the segments: ``"tensor"`` (each parameter tensor, the paper),
+            ``"group"`` (each param group) or ``"global"`` (all parameters at once).
+        fused: use the fused implementation (default) or the readable per-segment loop.
+
+    Attributes:
+        last_stats: :class:`~agr_optim.ReconstructionStats` of the last reconstructing step
+            (``None`` before one); segments are, in ``param_groups`` order, the parameters
+            that had an adversarial gradient (``"tensor"``), the groups that had one
+            (``"group"``), or one segment (``"global"``).
+
+    Example:
+        >>> import torch
+        >>> from agr_optim import AGROptimizer
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1), clip_norm=0.1)
+        >>> x, x_adv, y = torch.randn(8, 3), torch.randn(8, 3), torch.randn(8, 1)
+        >>> opt.zero_grad()
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.stash_clean()
+        >>> torch.nn.functional.mse_loss(model(x_adv), y).backward()
+        >>> opt.step()
+        >>> opt.step_count, bool(opt.last_stats.clip_scale.le(1).all())
+        (1, True)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        clip_norm: float | None = 0.1,
+        start_step: int = 0,
+        granularity: str = "tensor",
+        fused: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, AGROptimizer):
+            raise TypeError("optimizer is already an AGROptimizer; wrap the inner optimizer once")
+        validate_clip_norm(clip_norm)
+        _validate_start_step(start_step)
+        validate_granularity(granularity, GRANULARITIES)
+        self._optimizer = optimizer
+        self._initializing = True
+        # Optimizer.__init__ sets up the hook dictionaries and wraps step() so that step
+        # pre/post hooks fire; the throwaway group it builds is replaced by the inner's below.
+        super().__init__([torch.empty(0)], {})
+        self._initializing = False
+        self.clip_norm: float | None = clip_norm
+        self.start_step: int = int(start_step)
+        self.granularity: str = granularity
+        self.fused: bool = bool(fused)
+        self._step_count = 0
+        self._stash: dict[Tensor, Tensor | None] | None = None
+        self._stash_kind: str | None = None
+        self.last_stats: ReconstructionStats | None = None
+
+    # ------------------------------------------------------------------ delegation
+    @property
+    def optimizer(self) -> Optimizer:
+        """The inner optimizer."""
+        return self._optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._optimizer.param_groups if not self.__dict__.get("_initializing", True) else self._init_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self.__dict__.get("_initializing", True):
+            self._init_groups = value
+        else:
+            self._optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._optimizer.state if not self.__dict__.get("_initializing", True) else self._init_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self.__dict__.get("_initializing", True):
+            self._init_state = value
+        else:
+            self._optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._optimizer.defaults if not self.__dict__.get("_initializing", True) else self._init_defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if self.__dict__.get("_initializing", True):
+            self._init_defaults = value
+        else:
+            self._optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer (and so to this wrapper)."""
+        if self.__dict__.get("_initializing", True):
+            super().add_param_group(param_group)
+        else:
+            self._optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_stash", "_stash_kind")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_stash", None)
+        state.setdefault("_stash_kind", None)
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"AGROptimizer(clip_norm={self.clip_norm}, start_step={self.start_step}, "
+            f"granularity={self.granularity!r}, fused={self.fused}, step_count={self._step_count})\n"
+            f"  wrapping {self._optimizer!r}"
+        )
+
+    # ------------------------------------------------------------------ the AGR protocol
+    @property
+    def active(self) -> bool:
+        """Whether the next :meth:`step` reconstructs (``False`` during the warm start)."""
+        return self._step_count >= self.start_step
+
+    @property
+    def step_count(self) -> int:
+        """Steps applied so far (saved and restored by the state dict)."""
+        return self._step_count
+
+    @property
+    def has_stash(self) -> bool:
+        """Whether a gradient is stashed for the next :meth:`step`."""
+        return self._stash is not None
+
+    def stash_clean(self) -> None:
+        """Take the clean gradient out of ``.grad`` and keep it for :meth:`step`.
+
+        Call after the clean backward pass and before the adversarial one; ``.grad`` is
+        ``None`` afterwards, so the adversarial backward starts from zero. No copy is made:
+        the gradient tensors themselves are kept.
+        """
+        self._take_stash("clean")
+
+    def stash_adversarial(self) -> None:
+        """Like :meth:`stash_clean` for the other order: adversarial backward first."""
+        self._take_stash("adversarial")
+
+    def _take_stash(self, kind: str) -> None:
+        if self._stash is not None:
+            raise RuntimeError(
+                f"a {self._stash_kind} gradient is already stashed for this step; call step() or "
+                f"zero_grad() before stash_{kind}() again"
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            g = p.grad
+            if g is not None and (g.is_sparse or g.layout != torch.strided):
+                raise ValueError(
+                    f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
+                    "AGR supports dense gradients only"
+                )
+        stash: dict[Tensor, Tensor | None] = {}
+        for p in params:
+            stash[p] = p.grad
+            p.grad = None
+        self._stash, self._stash_kind = stash, kind
+
+    def _drop_stash(self) -> None:
+        self._stash, self._stash_kind = None, None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients through the inner optimizer, and drop any stash."""
+        self._drop_stash()
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Reconstruct ``.grad`` from the stashed and the current gradient, then step.
+
+        ``closure``, if given, is called first (with gradients enabled) and must run both
+        backward passes and the stash itself; its return value is returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.active:
+            self._finish_warm_start()
+        else:
+            self._reconstruct()
+        self._optimizer.step()
+        self._step_count += 1
+        return loss
+
+    def _finish_warm_start(self) -> None:
+        """Warm start: the update is the adversarial gradient alone."""
+        if self._stash is not None and self._stash_kind == "adversarial":
+            for p, g in self._stash.items():
+                p.grad = g
+        self._drop_stash()
+
+    def _pairs(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], int]:
+        """Parameters with an adversarial gradient, their (a, c) pairs and segment ids."""
+        if self._stash is None:
+            raise RuntimeError(
+                "AGROptimizer.step() found no stashed gradient: AGR is active (step "
+                f"{self._step_count} >= start_step {self.start_step}) and needs the clean gradient "
+                "stashed with stash_clean() (or the adversarial one with stash_adversarial()) "
+                "between the two backward passes"
+            )
+        stash, clean_first = self._stash, self._stash_kind == "clean"
+        params: list[Tensor] = []
+        adversarial: list[Tensor] = []
+        clean: list[Tensor | None] = []
+        segment_ids: list[int] = []
+        segment = -1
+        for group in self.param_groups:
+            group_has_grad = False
+            for p in group["params"]:
+                current, stashed = p.grad, stash.get(p)
+                a, c = (current, stashed) if clean_first else (stashed, current)
+                if a is None:
+                    continue  # no adversarial gradient: the parameter stays frozen
+                if not group_has_grad and self.granularity == "group" or segment < 0:
+                    segment += 1
+                group_has_grad = True
+                params.append(p)
+                adversarial.append(a)
+                clean.append(c)
+                if self.granularity == "tensor":
+                    segment_ids.append(len(params) - 1)
+                else:
+                    segment_ids.append(segment)
+        if self.granularity == "global":
+            segment_ids = [0] * len(params)
+        num_segments = (max(segment_ids) + 1) if segment_ids else 0
+        return params, adversarial, clean, segment_ids, num_segments
+
+    def _reconstruct(self) -> None:
+        params, adversarial, clean, segment_ids, num_segments = self._pairs()
+        try:
+            validate_gradients(adversarial, clean)
+        except ValueError as error:
+            raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
+        # Non-stashed parameters keep no gradient unless they have an adversarial one.
+        assert self._stash is not None
+        all_params = list(self._stash)
+        _, self.last_stats = _run(
+            adversarial, clean, segment_ids, num_segments, self.clip_norm, self.fused, out=adversarial
+        )
+        with_grad = set(map(id, params))
+        for p in all_params:
+            if id(p) not in with_grad:
+                p.grad = None
+        for p, r in zip(params, adversarial):
+            p.grad = r
+        self._drop_stash()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, with the wrapper's state in every param group.
+
+        The wrapper's entry (``"agr"``: step count and settings) sits in each saved param
+        group, so it survives tools that keep only ``"state"`` and ``"param_groups"``
+        (``torch.distributed.checkpoint``). Everything is plain Python or tensors:
+        ``torch.load(..., weights_only=True)`` reads it.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._optimizer.state_dict()
+        mine = self._agr_state()
+        state_dict["param_groups"] = [{**group, _STATE_KEY: dict(mine)} for group in state_dict["param_groups"]]
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _agr_state(self) -> dict[str, Any]:
+        return {
+            "step": self._step_count,
+            "clip_norm": self.clip_norm,
+            "start_step": self.start_step,
+            "granularity": self.granularity,
+            "fused": self.fused,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict` (or a plain inner-optimizer one).
+
+        A plain optimizer state dict (no ``"agr"`` entry, e.g. a checkpoint of the warm-start
+        run) loads the inner state and leaves the wrapper's step count and settings as they are.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            raise ValueError("state_dict has no 'param_groups' list")
+        mine = _read_agr_state(groups)
+        inner = dict(state_dict)
+        inner["param_groups"] = [{k: v for k, v in g.items() if k != _STATE_KEY} for g in groups]
+        self._optimizer.load_state_dict(inner)
+        if mine is not None:
+            self._step_count = mine["step"]
+            self.clip_norm = mine["clip_norm"]
+            self.start_step = mine["start_step"]
+            self.granularity = mine["granularity"]
+            self.fused = mine["fused"]
+        self._drop_stash()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _validate_start_step(start_step: object) -> None:
+    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or int(start_step) < 0:
+        raise ValueError(f"Invalid start_step: {start_step!r}; expected an integer >= 0")
+
+
+def _read_agr_state(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The wrapper entry of a saved state dict, validated; ``None`` if there is none."""
+    entries = [g.get(_STATE_KEY) for g in groups if isinstance(g, dict)]
+    present = [e for e in entries if e is not None]
+    if not present:
+        return None
+    mine = present[0]
+    if not isinstance(mine, dict):
+        raise ValueError(f"state_dict's {_STATE_KEY!r} entry must be a dict, got {type(mine).__name__}")
+    expected = {"step", "clip_norm", "start_step", "granularity", "fused"}
+    if set(mine) != expected:
+        raise ValueError(f"state_dict's {_STATE_KEY!r} entry has keys {sorted(mine)}; expected {sorted(expected)}")
+    step = mine["step"]
+    if isinstance(step, Tensor):
+        step = int(step.item())
+    _validate_start_step(step)
+    validate_clip_norm(mine["clip_norm"])
+    _validate_start_step(mine["start_step"])
+    validate_granularity(mine["granularity"], GRANULARITIES)
+    return {**mine, "step": int(step), "start_step": int(mine["start_step"]), "fused": bool(mine["fused"])}
