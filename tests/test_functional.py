@@ -1,0 +1,497 @@
+"""``agr_optim.functional``: the AGR rule against a float64 reference, its invariants, bad input.
+
+Inputs are drawn by hypothesis: 1-4 tensors of random shapes (zero-size and 1-element
+included), float32/float64/bfloat16/float16, magnitudes 1e-30..1e30 (float16: 1e-2..1e2),
+and a relation between ``a`` and ``c`` (random, parallel, antiparallel, exactly orthogonal,
+nearly antiparallel, zero, missing). Every check compares with ``_asserts.reference_agr``, the
+paper's rule in float64 numpy, or with a geometric property that needs no reference at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from _asserts import (
+    SegmentRef,
+    assert_between,
+    assert_close_to_reference,
+    assert_finite,
+    assert_norm_at_most,
+    assert_orthogonal_to_clean,
+    assert_same_layout,
+    assert_unchanged,
+    assert_within_clip,
+    condition,
+    flat,
+    reference_agr,
+    result_tolerance,
+    rounding_bound,
+    segment_ids,
+    snapshot,
+    to_numpy,
+)
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from agr_optim import ReconstructionStats
+from agr_optim.functional import reconstruct, reconstruct_
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Decimal exponents of the magnitudes drawn per dtype (float16 tops out at 65504).
+EXPONENTS = {torch.float32: 30, torch.float64: 30, torch.bfloat16: 30, torch.float16: 2}
+RELATIONS = (
+    "random",
+    "parallel",  # c = 2^j a, exactly
+    "antiparallel",  # c = -2^j a, exactly
+    "orthogonal",  # disjoint supports: <a, c> = 0 exactly
+    "near_antiparallel",  # c = -a + small noise: the ill-conditioned projection
+    "near_parallel",
+    "near_orthogonal",  # |cos| tiny, either sign: where the two branches meet
+    "zero_a",
+    "zero_c",
+    "zero_both",
+    "missing_c",  # clean None: counts as zeros
+    "mixed",  # each tensor draws its own relation
+)
+
+
+@dataclass
+class Case:
+    adversarial: list[torch.Tensor]
+    clean: list[torch.Tensor | None]
+    dtype: torch.dtype
+    granularity: str
+    clip_norm: float | None
+    relation: str
+
+    @property
+    def n(self) -> int:
+        return sum(a.numel() for a in self.adversarial)
+
+    @property
+    def delta(self) -> float:
+        return rounding_bound([self.dtype], self.n)
+
+    def reference(self, clip_norm: float | None = ...) -> tuple[list[np.ndarray], list[SegmentRef]]:  # type: ignore[assignment]
+        clip = self.clip_norm if clip_norm is ... else clip_norm
+        return reference_agr(
+            self.adversarial, self.clean, clip_norm=clip, segments=segment_ids(self.granularity, len(self.adversarial))
+        )
+
+    def segments(self) -> list[list[int]]:
+        if self.granularity == "global":
+            return [list(range(len(self.adversarial)))]
+        return [[i] for i in range(len(self.adversarial))]
+
+
+shapes = st.lists(st.integers(0, 6), min_size=0, max_size=3).filter(lambda s: math.prod(s) <= 96)
+
+
+def _pair(rng: np.random.Generator, shape: tuple[int, ...], relation: str, ka: float, kc: float, dtype):
+    """One (a, c) pair, rounded to ``dtype``; c is built from the rounded a where it matters."""
+    a = torch.from_numpy(np.asarray(rng.standard_normal(shape) * ka)).to(dtype)
+    noise = torch.from_numpy(np.asarray(rng.standard_normal(shape) * kc)).to(dtype)
+    power = float(2.0 ** int(rng.integers(-4, 5)))
+    if relation == "random":
+        c = noise
+    elif relation == "parallel":
+        c = a * power
+    elif relation == "antiparallel":
+        c = -a * power
+    elif relation == "orthogonal":
+        mask = (torch.arange(a.numel()) % 2 == 0).reshape(shape)
+        a, c = torch.where(mask, a, 0), torch.where(mask, 0, noise)
+    elif relation in ("near_antiparallel", "near_parallel"):
+        sign = -1.0 if relation == "near_antiparallel" else 1.0
+        eps = 10.0 ** float(rng.uniform(-6, -1))
+        c = np.asarray(sign * power * to_numpy(a, a) + eps * power * to_numpy(noise, noise) * ka / kc)
+        c = torch.from_numpy(c).to(dtype)
+    elif relation == "near_orthogonal":
+        a64, n64 = to_numpy(a, a).ravel(), to_numpy(noise, noise).ravel()
+        sq = float(a64 @ a64)
+        c0 = n64 - (float(a64 @ n64) / sq) * a64 if sq > 0 else n64
+        eps = float(rng.choice([-1.0, 1.0])) * 10.0 ** float(rng.uniform(-6, -1))
+        c = c0 + eps * math.sqrt(float(c0 @ c0) / sq) * a64 if sq > 0 else c0
+        c = torch.from_numpy(np.asarray(c).reshape(shape)).to(dtype)
+    elif relation == "zero_a":
+        a, c = torch.zeros_like(a), noise
+    elif relation == "zero_c":
+        c = torch.zeros_like(a)
+    elif relation == "zero_both":
+        a, c = torch.zeros_like(a), torch.zeros_like(a)
+    elif relation == "missing_c":
+        c = None
+    else:  # pragma: no cover
+        raise AssertionError(relation)
+    return a, c
+
+
+@st.composite
+def cases(draw, dtypes=DTYPES, clip: bool | None = None, granularities=("tensor", "global")) -> Case:
+    dtype = draw(st.sampled_from(dtypes))
+    top = EXPONENTS[dtype]
+    exp_a = draw(st.integers(-top, top))
+    exp_c = min(top, max(-top, exp_a + draw(st.integers(-3, 3))))
+    relation = draw(st.sampled_from(RELATIONS))
+    n_tensors = draw(st.integers(1, 4))
+    tensor_shapes = [tuple(draw(shapes)) for _ in range(n_tensors)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    adversarial, clean = [], []
+    for shape in tensor_shapes:
+        rel = str(rng.choice(RELATIONS[:-1])) if relation == "mixed" else relation
+        a, c = _pair(rng, shape, rel, 10.0**exp_a, 10.0**exp_c, dtype)
+        adversarial.append(a)
+        clean.append(c)
+    assume(all(bool(t.isfinite().all()) for t in adversarial + [c for c in clean if c is not None]))
+    use_clip = draw(st.booleans()) if clip is None else clip
+    clip_norm = None
+    if use_clip:
+        # Around |a|: sometimes active, sometimes not.
+        clip_norm = 10.0 ** (exp_a + draw(st.floats(-2.0, 2.0)))
+    granularity = draw(st.sampled_from(granularities))
+    return Case(adversarial, clean, dtype, granularity, clip_norm, relation)
+
+
+def _segment_arrays(case: Case, result: list[torch.Tensor]):
+    """Per segment: (r, a, c) flattened to float64, and the member indices."""
+    for members in case.segments():
+        r = flat([result[i] for i in members])
+        a = flat([case.adversarial[i] for i in members])
+        c = flat([case.clean[i] for i in members], like=[case.adversarial[i] for i in members])
+        yield members, r, a, c
+
+
+# --------------------------------------------------------------------------- against the reference
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases())
+def test_matches_float64_reference(case: Case, fused: bool) -> None:
+    before_a, before_c = snapshot(case.adversarial), snapshot(case.clean)
+    result = reconstruct(case.adversarial, case.clean, clip_norm=case.clip_norm, granularity=case.granularity,
+                         fused=fused)
+    assert_same_layout(result, case.adversarial)
+    assert_finite(result)
+    assert_unchanged(before_a, case.adversarial, "adversarial")
+    assert_unchanged(before_c, case.clean, "clean")
+    r_ref, refs = case.reference()
+    for (members, r, _, _), ref in zip(_segment_arrays(case, result), refs, strict=True):
+        expected = flat([r_ref[i] for i in members])
+        tol = result_tolerance(ref, case.clip_norm, case.delta)
+        assert_close_to_reference(r, expected, tol, what=f"{case.relation}, segment {members}: ")
+
+
+@given(case=cases())
+def test_fused_equals_loop(case: Case) -> None:
+    """Both implementations within twice the reference bound of each other.
+
+    The bound is the one of ``result_tolerance``: ``delta * (|a| + |c|)`` from the dtype and
+    the segment size, plus, where clipping is active, ``clip_norm * delta * kappa^2``. The
+    second term is large only for a nearly antiparallel pair that gets projected and clipped:
+    the fused path takes ``|r|`` from ``|a|^2 (1 - cos)(1 + cos)`` and ``1 + cos`` there is a
+    difference of nearly equal numbers (relative error ``eps / sin^2``), while the loop
+    measures the explicit ``r``. Everywhere else the tolerance stays at the dtype's level.
+    """
+    kwargs = dict(clip_norm=case.clip_norm, granularity=case.granularity)
+    fused = reconstruct(case.adversarial, case.clean, fused=True, **kwargs)
+    loop = reconstruct(case.adversarial, case.clean, fused=False, **kwargs)
+    for (members, r_f, _, _), (_, r_l, _, _), ref in zip(
+        _segment_arrays(case, fused), _segment_arrays(case, loop), case.reference()[1], strict=True
+    ):
+        tol = 2 * result_tolerance(ref, case.clip_norm, case.delta)
+        assert_close_to_reference(r_f, r_l, tol, what=f"fused vs loop, {case.relation}, segment {members}: ")
+    for f, lo in zip(fused, loop, strict=True):
+        assert f.dtype == lo.dtype and f.shape == lo.shape
+
+
+def test_fused_equals_loop_float64_with_zero_size_tensor() -> None:
+    """torch's foreach-vs-loop pattern: float64, a zero-size tensor among others, tight bound."""
+    f64 = dict(dtype=torch.float64)
+    a = [torch.randn(5, 3, **f64), torch.zeros(0, **f64), torch.randn(7, **f64)]
+    c = [torch.randn(5, 3, **f64), torch.zeros(0, **f64), -a[2] + 0.1]
+    for granularity in ("tensor", "global"):
+        for clip_norm in (None, 0.5):
+            fused = reconstruct(a, c, clip_norm=clip_norm, granularity=granularity, fused=True)
+            loop = reconstruct(a, c, clip_norm=clip_norm, granularity=granularity, fused=False)
+            for f, lo in zip(fused, loop, strict=True):
+                torch.testing.assert_close(f, lo, rtol=1e-12, atol=1e-12)
+                assert f.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases())
+def test_projection_is_orthogonal_to_clean_and_not_longer(case: Case, fused: bool) -> None:
+    result = reconstruct(case.adversarial, case.clean, clip_norm=case.clip_norm, granularity=case.granularity,
+                         fused=fused)
+    delta = case.delta
+    for (_, r, a, c), ref in zip(_segment_arrays(case, result), case.reference()[1], strict=True):
+        # Clearly projected (or exactly orthogonal / zero): the library takes that branch too.
+        if ref.cosine < -2 * delta or ref.dot == 0:
+            assert_orthogonal_to_clean(r, c, a, delta)
+            assert_norm_at_most(r, ref.norm_a, delta, "|a|")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases(clip=False))
+def test_interpolation_lies_between_a_and_c(case: Case, fused: bool) -> None:
+    result = reconstruct(case.adversarial, case.clean, granularity=case.granularity, fused=fused)
+    delta = case.delta
+    for (_, r, a, c), ref in zip(_segment_arrays(case, result), case.reference()[1], strict=True):
+        if ref.cosine > 2 * delta:
+            assert_between(r, a, c, delta)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases(clip=True))
+def test_result_norm_within_clip(case: Case, fused: bool) -> None:
+    """``|r| <= clip_norm`` up to the output rounding.
+
+    The loop clips by the norm of the ``r`` it computed. The fused path clips by the closed-form
+    norm, whose relative error is ``delta * kappa^2`` for a nearly antiparallel pair (see
+    ``test_fused_equals_loop``); its rounding-noise floor covers the combine's rounding but not
+    that error, so the fused bound carries the conditioning term (see
+    ``test_fused_clip_overshoot_when_nearly_antiparallel`` for a concrete overshoot).
+    """
+    result = reconstruct(case.adversarial, case.clean, clip_norm=case.clip_norm, granularity=case.granularity,
+                         fused=fused)
+    assert case.clip_norm is not None
+    for (_, r, _, _), ref in zip(_segment_arrays(case, result), case.reference()[1], strict=True):
+        slack = case.delta
+        if fused:
+            kappa = condition(ref, case.delta)
+            slack += min(1.0, 4 * case.delta * kappa * kappa)
+        assert_within_clip(r, case.clip_norm, slack)
+
+
+@pytest.mark.xfail(strict=True, reason="fused clipping uses the closed-form |r|: ill-conditioned near antiparallel")
+def test_fused_clip_overshoot_when_nearly_antiparallel() -> None:
+    """A float32 tensor of 1e5 elements, ``sin(a, -c) = 1e-2``: the fused result exceeds
+    ``clip_norm`` by about 1% (the loop: by one rounding). Reported; kept as a strict xfail so
+    that a fix shows up here."""
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    a = torch.randn(n, generator=g)
+    c = (-a.double() + 1e-2 * torch.randn(n, generator=g, dtype=torch.float64) * a.double().norm() / n**0.5).float()
+    clip_norm = 1e-6 * a.double().norm().item()
+    r = reconstruct([a], [c], clip_norm=clip_norm, fused=True)[0]
+    assert r.double().norm().item() <= clip_norm * (1 + 4 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases(), log_k=st.floats(-6, 6))
+def test_projection_invariant_to_scaling_clean(case: Case, fused: bool, log_k: float) -> None:
+    k = 10.0**log_k
+    scaled = [None if c is None else c * k for c in case.clean]
+    assume(all(s is None or bool(s.isfinite().all()) for s in scaled))
+    # k c is rounded to the dtype and may under/overflow in float16: only exact-enough copies.
+    for s, c in zip(scaled, case.clean, strict=True):
+        if s is not None:
+            back = s.double() / k
+            assume(bool(((back - c.double()).abs() <= 2 * torch.finfo(c.dtype).eps * c.double().abs()).all()))
+    kwargs = dict(clip_norm=case.clip_norm, granularity=case.granularity, fused=fused)
+    r1 = reconstruct(case.adversarial, case.clean, **kwargs)
+    r2 = reconstruct(case.adversarial, scaled, **kwargs)
+    delta = case.delta
+    for (members, x, _, _), (_, y, _, _), ref in zip(
+        _segment_arrays(case, r1), _segment_arrays(case, r2), case.reference()[1], strict=True
+    ):
+        if ref.cosine < -2 * delta or ref.dot == 0:
+            # Same exact result for both; each within the reference bound taken with |c| -> 0
+            # (the projection's error scales with |a| only, whatever |c| is).
+            ref_a = SegmentRef(ref.dot, ref.norm_a, 0.0, ref.cosine, True, ref.norm_r, ref.clip_scale)
+            tol = 2 * result_tolerance(ref_a, case.clip_norm, 2 * delta)
+            assert_close_to_reference(x, y, tol, what=f"c -> {k:g} c, segment {members}: ")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases(), bad=st.sampled_from([math.nan, math.inf, -math.inf]), where=st.sampled_from(["a", "c"]))
+def test_non_finite_input_is_not_made_finite(case: Case, fused: bool, bad: float, where: str) -> None:
+    target = case.adversarial if where == "a" else case.clean
+    candidates = [i for i, t in enumerate(target) if t is not None and t.numel() > 0]
+    assume(candidates)
+    i = candidates[0]
+    target[i] = target[i].clone()
+    target[i].view(-1)[0] = bad
+    result = reconstruct(case.adversarial, case.clean, clip_norm=case.clip_norm, granularity=case.granularity,
+                         fused=fused)
+    members = [m for m in case.segments() if i in m][0]
+    segment = torch.cat([result[m].reshape(-1).double() for m in members])
+    assert not bool(segment.isfinite().all()), f"{bad} in {where}[{i}] gave a finite segment: {segment}"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("zero", ["a", "c", "none"])
+def test_non_finite_next_to_a_zero_gradient(fused: bool, bad: float, zero: str) -> None:
+    """The zero policy (cos = 0, projection onto 0 is the identity) must not mask a NaN/Inf."""
+    a, c = torch.randn(4), torch.randn(4)
+    if zero == "a":
+        a, c = torch.zeros(4), c.index_fill(0, torch.tensor([1]), bad)
+    elif zero == "c":
+        a, c = a.index_fill(0, torch.tensor([1]), bad), torch.zeros(4)
+    else:
+        a = a.index_fill(0, torch.tensor([1]), bad)
+    for clip_norm in (None, 0.1):
+        (r,) = reconstruct([a], [c], clip_norm=clip_norm, fused=fused)
+        assert not bool(r.isfinite().all()), f"a={a}, c={c} gave finite {r}"
+    (r,) = reconstruct([a], [None], fused=fused)
+    assert not bool(r.isfinite().all()) or bool(a.isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 1000])
+@pytest.mark.parametrize("k", [1.0, 2.0, 3.0, 0.1])
+def test_fused_clip_safe_for_exactly_antiparallel(dtype: torch.dtype, n: int, k: float) -> None:
+    """``c = -k a`` rounded: the exact ``r`` is (nearly) 0, the computed one is rounding noise of
+    size ``eps |a|`` (exactly 0 when k is a power of 2). With ``clip_norm`` far below that, the
+    fused path's noise floor must still clip it (the closed-form ``|r|`` alone says 0 and would
+    pass the noise on unclipped)."""
+    a = torch.randn(n).to(dtype) * 100
+    c = -a * k
+    clip_norm = 1e-4 * torch.finfo(dtype).eps * a.double().norm().item()
+    for fused in (True, False):
+        for granularity in ("tensor", "global"):
+            (r,) = reconstruct([a], [c], clip_norm=clip_norm, granularity=granularity, fused=fused)
+            assert_within_clip(flat([r]), clip_norm, 4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_gradients_give_zero_not_nan(fused: bool, dtype: torch.dtype) -> None:
+    a = [torch.zeros(3, dtype=dtype), torch.zeros((), dtype=dtype), torch.zeros(0, dtype=dtype)]
+    c = [torch.zeros(3, dtype=dtype), None, torch.zeros(0, dtype=dtype)]
+    for granularity in ("tensor", "global"):
+        for clip_norm in (None, 1e-3):
+            result = reconstruct(a, c, clip_norm=clip_norm, granularity=granularity, fused=fused)
+            assert_same_layout(result, a)
+            for r in result:
+                assert bool((r == 0).all())
+
+
+def test_docstring_examples_by_hand() -> None:
+    """Two cases worked out on paper: projection of (1, 0) against (-1, 1), and a clip."""
+    for fused in (True, False):
+        (r,) = reconstruct([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])], fused=fused)
+        torch.testing.assert_close(r, torch.tensor([0.5, 0.5]))
+        # cos = 1: r = c = (3, 4), |r| = 5, clipped to norm 1.
+        (r,) = reconstruct([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.0])], clip_norm=1.0, fused=fused)
+        torch.testing.assert_close(r, torch.tensor([0.6, 0.8]))
+        # cos = 0.6 (a = (1, 0), c = (3, 4)/5 * 2): r = 0.6 c + 0.4 a.
+        c = torch.tensor([1.2, 1.6])
+        (r,) = reconstruct([torch.tensor([1.0, 0.0])], [c], fused=fused)
+        torch.testing.assert_close(r, 0.6 * c + 0.4 * torch.tensor([1.0, 0.0]))
+
+
+# --------------------------------------------------------------------------- the in-place form and stats
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@given(case=cases(dtypes=(torch.float32, torch.float64)))
+def test_in_place_and_stats_match_reference(case: Case, fused: bool) -> None:
+    expected = reconstruct(case.adversarial, case.clean, clip_norm=case.clip_norm, granularity=case.granularity,
+                           fused=fused)
+    targets = [a.clone() for a in case.adversarial]
+    clean_before = snapshot(case.clean)
+    stats = reconstruct_(targets, case.clean, clip_norm=case.clip_norm, granularity=case.granularity, fused=fused)
+    assert_unchanged(clean_before, case.clean, "clean")
+    for t, e in zip(targets, expected, strict=True):
+        assert torch.equal(t, e), "reconstruct_ differs from reconstruct"
+    assert isinstance(stats, ReconstructionStats)
+    refs = case.reference()[1]
+    assert stats.num_segments == len(refs)
+    check_stats(stats, refs, case.clip_norm, case.delta)
+
+
+def check_stats(stats: ReconstructionStats, refs: list[SegmentRef], clip_norm: float | None, delta: float) -> None:
+    """The per-segment statistics against the reference, each with its own conditioning."""
+    for name in ("cosine", "projected", "norm_adversarial", "norm_clean", "norm_reconstructed", "clip_scale"):
+        value = getattr(stats, name)
+        assert isinstance(value, torch.Tensor) and value.shape == (len(refs),), name
+    for s, ref in enumerate(refs):
+        cosine = stats.cosine[s].item()
+        assert abs(cosine - ref.cosine) <= 2 * delta, f"segment {s}: cosine {cosine} vs {ref.cosine}"
+        if abs(ref.cosine) > 2 * delta or ref.dot == 0:
+            assert bool(stats.projected[s]) == ref.projected, f"segment {s}: projected"
+        assert math.isclose(stats.norm_adversarial[s].item(), ref.norm_a, rel_tol=delta, abs_tol=0.0)
+        assert math.isclose(stats.norm_clean[s].item(), ref.norm_c, rel_tol=delta, abs_tol=0.0)
+        # |r| before clipping: relative error delta * (kappa + kappa^2) (closed form, see above).
+        scale = ref.norm_a + ref.norm_c
+        norm_tol = 4 * delta * scale + (min(scale, 4 * delta * scale * scale / ref.norm_r) if ref.norm_r else 2 * scale)
+        norm_r = stats.norm_reconstructed[s].item()
+        assert abs(norm_r - ref.norm_r) <= norm_tol, f"segment {s}: |r| {norm_r} vs {ref.norm_r} (tol {norm_tol})"
+        clip = stats.clip_scale[s].item()
+        assert 0 < clip <= 1
+        if clip_norm is None:
+            assert clip == 1.0
+        elif ref.norm_r > 0 and norm_tol < 0.5 * ref.norm_r:
+            expected = min(1.0, clip_norm / ref.norm_r)
+            rel = 2 * norm_tol / ref.norm_r + 4 * delta
+            assert abs(clip - expected) <= rel * expected, f"segment {s}: clip scale {clip} vs {expected}"
+
+
+def test_stats_are_tensors_on_the_gradients_device_without_sync() -> None:
+    a = [torch.randn(4), torch.randn(2, 2)]
+    c = [torch.randn(4), torch.randn(2, 2)]
+    stats = reconstruct_([x.clone() for x in a], c, clip_norm=0.5)
+    assert all(getattr(stats, f).device == a[0].device for f in ("cosine", "projected", "clip_scale"))
+    rate = stats.projection_rate()
+    assert isinstance(rate, torch.Tensor) and rate.dim() == 0
+    assert rate.item() == stats.projected.double().mean().item()
+    d = stats.to_dict()
+    assert set(d) == {"cosine", "projected", "norm_adversarial", "norm_clean", "norm_reconstructed", "clip_scale"}
+
+
+def test_empty_list() -> None:
+    assert reconstruct([], []) == []
+    stats = reconstruct_([], [])
+    assert stats.num_segments == 0
+
+
+# --------------------------------------------------------------------------- bad input
+def _inputs():
+    a = [torch.randn(3), torch.randn(2, 2)]
+    c = [torch.randn(3), torch.randn(2, 2)]
+    return a, c
+
+
+BAD_CALLS = [
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c[:1]), "different lengths", id="lengths"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=[c[0], torch.randn(4)]), "shape mismatch at index 1",
+                 id="shapes"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=[c[0], c[1].double()]), "dtype mismatch at index 1",
+                 id="dtypes"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=[c[0], torch.empty(2, 2, device="meta")]),
+                 "device mismatch at index 1", id="devices"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=[c[0].to_sparse(), c[1]]), "sparse", id="sparse-clean"),
+    pytest.param(lambda a, c: dict(adversarial=[a[0].to_sparse(), a[1]], clean=c), "sparse", id="sparse-adv"),
+    pytest.param(lambda a, c: dict(adversarial=[a[0].long(), a[1]], clean=[c[0].long(), c[1]]), "floating",
+                 id="integer"),
+    pytest.param(lambda a, c: dict(adversarial=a[0], clean=c[0]), "sequences of tensors", id="single-tensor"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, clip_norm=-1.0), "clip_norm", id="negative-clip"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, clip_norm=0.0), "clip_norm", id="zero-clip"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, clip_norm=math.nan), "clip_norm", id="nan-clip"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, clip_norm="0.1"), "clip_norm", id="str-clip"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, granularity="layer"), "granularity", id="granularity"),
+    pytest.param(lambda a, c: dict(adversarial=a, clean=c, granularity="group"), "granularity",
+                 id="group-not-functional"),
+]
+
+
+@pytest.mark.parametrize("function", [reconstruct, reconstruct_], ids=["reconstruct", "reconstruct_"])
+@pytest.mark.parametrize("make, message", BAD_CALLS)
+def test_bad_input_names_the_problem_and_changes_nothing(function, make, message) -> None:
+    a, c = _inputs()
+    kwargs = make(a, c)
+    adversarial, clean = kwargs.pop("adversarial"), kwargs.pop("clean")
+    seq = isinstance(adversarial, list)
+    before_a = snapshot(adversarial if seq else [adversarial])
+    before_c = [x if x is None or x.device.type == "meta" or x.is_sparse else x.clone()
+                for x in (clean if seq else [clean])]
+    with pytest.raises(ValueError, match=message):
+        function(adversarial, clean, **kwargs)
+    for b, x in zip(before_a, adversarial if seq else [adversarial], strict=True):
+        assert torch.equal(b.to_dense(), x.to_dense()), "adversarial changed"
+    for b, x in zip(before_c, clean if seq else [clean], strict=True):
+        if x.device.type != "meta":
+            assert torch.equal(b.to_dense(), x.to_dense()), "clean changed"
