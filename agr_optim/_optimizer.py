@@ -10,13 +10,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import _run, validate_clip_norm, validate_granularity, validate_gradients
+from ._amp import forget_scaler_request, read_scaler_request, stash_group, unscale_
+from ._distributed import local_tensor
 from ._stats import ReconstructionStats
+from .functional import _run, validate_clip_norm, validate_gradients, validate_granularity
 
 __all__ = ["AGROptimizer"]
 
 GRANULARITIES = ("tensor", "group", "global")
 _STATE_KEY = "agr"
+_TRANSIENT = ("_stash", "_stash_kind", "_stash_group")
 
 
 class AGROptimizer(Optimizer):
@@ -74,6 +77,9 @@ class AGROptimizer(Optimizer):
         (1, True)
     """
 
+    #: GradScaler.step() then always calls step(), which unscales the stash too (see _amp.py).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -103,6 +109,7 @@ class AGROptimizer(Optimizer):
         self._step_count = 0
         self._stash: dict[Tensor, Tensor | None] | None = None
         self._stash_kind: str | None = None
+        self._stash_group: dict[str, Any] | None = None
         self.last_stats: ReconstructionStats | None = None
 
     # ------------------------------------------------------------------ delegation
@@ -113,7 +120,15 @@ class AGROptimizer(Optimizer):
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._optimizer.param_groups if not self.__dict__.get("_initializing", True) else self._init_groups
+        if self.__dict__.get("_initializing", True):
+            return self._init_groups
+        groups = self._optimizer.param_groups
+        if self.__dict__.get("_stash") is None:
+            return groups
+        # While a gradient is stashed, GradScaler must unscale and inf-check it like
+        # ``.grad``; it only looks at ``param_groups``, so the stash is listed as one more
+        # group (a new list: the inner optimizer never sees it). See ``_amp.py``.
+        return [*groups, self._amp_stash_group()]
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
@@ -152,11 +167,11 @@ class AGROptimizer(Optimizer):
             self._optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_stash", "_stash_kind")}
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_stash", None)
-        state.setdefault("_stash_kind", None)
+        for key in _TRANSIENT:
+            state.setdefault(key, None)
         super().__setstate__(state)
 
     def __repr__(self) -> str:
@@ -201,7 +216,7 @@ class AGROptimizer(Optimizer):
                 f"a {self._stash_kind} gradient is already stashed for this step; call step() or "
                 f"zero_grad() before stash_{kind}() again"
             )
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = [p for group in self._optimizer.param_groups for p in group["params"]]
         for index, p in enumerate(params):
             g = p.grad
             if g is not None and (g.is_sparse or g.layout != torch.strided):
@@ -211,12 +226,22 @@ class AGROptimizer(Optimizer):
                 )
         stash: dict[Tensor, Tensor | None] = {}
         for p in params:
-            stash[p] = p.grad
+            g = p.grad
+            # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
+            # would be overwritten by the next backward pass, which writes into the same
+            # buffer: only such views are copied.
+            stash[p] = g.clone() if g is not None and g._is_view() else g
             p.grad = None
         self._stash, self._stash_kind = stash, kind
 
     def _drop_stash(self) -> None:
-        self._stash, self._stash_kind = None, None
+        self._stash, self._stash_kind, self._stash_group = None, None, None
+
+    def _amp_stash_group(self) -> dict[str, Any]:
+        if self._stash_group is None:
+            assert self._stash is not None
+            self._stash_group = stash_group(self._stash, self._optimizer.param_groups)
+        return self._stash_group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients through the inner optimizer, and drop any stash."""
@@ -229,18 +254,80 @@ class AGROptimizer(Optimizer):
 
         ``closure``, if given, is called first (with gradients enabled) and must run both
         backward passes and the stash itself; its return value is returned.
+
+        Under ``GradScaler.step(opt)`` (the wrapper sets ``_step_supports_amp_scaling``), both
+        gradients are unscaled here, and an inf or NaN in either skips the whole step: the
+        parameters, the inner state and the step count stay as they are, the stash is dropped.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.active:
-            self._finish_warm_start()
+        try:
+            # Everything is checked before anything changes.
+            self._check_stash()
+            init_step = self._is_state_init_step()
+            prepared = self._prepare() if self.active and not init_step else None
+            amp = read_scaler_request(self, self._stash_group, self._stash is not None)
+        except Exception:
+            forget_scaler_request(self)  # GradScaler does not clean up when step() raises
+            raise
+        if amp.found_inf:
+            self._drop_stash()
+            return loss
+        if amp.inv_scale is not None:
+            unscale_(self._all_gradients(), amp.inv_scale)
+        if prepared is not None:
+            self._reconstruct(*prepared)
+            self._optimizer.step()
+            self._step_count += 1
+        elif init_step:
+            # torch.distributed.checkpoint initialises a fresh optimizer's state with a step
+            # on zero gradients at lr 0; it moves nothing, so it is passed to the inner
+            # optimizer and not counted.
+            self._drop_stash()
+            self._optimizer.step()
         else:
-            self._reconstruct()
-        self._optimizer.step()
-        self._step_count += 1
+            self._finish_warm_start()
+            self._optimizer.step()
+            self._step_count += 1
         return loss
+
+    def _all_gradients(self) -> list[Tensor]:
+        grads = [p.grad for group in self._optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self._stash is not None:
+            grads += [g for g in self._stash.values() if g is not None]
+        return grads
+
+    def _check_stash(self) -> None:
+        """A stash whose parameter moved (device, dtype or shape) since it was taken."""
+        if self._stash is None:
+            return
+        for index, (p, g) in enumerate(self._stash.items()):
+            if g is None:
+                continue
+            if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(
+                    f"the stashed {self._stash_kind} gradient of parameter {index} (shape {tuple(g.shape)}, "
+                    f"{g.dtype}, on {g.device}) no longer matches the parameter (shape {tuple(p.shape)}, "
+                    f"{p.dtype}, on {p.device}): the model was moved or cast after stash_{self._stash_kind}(); "
+                    "call zero_grad() and redo both backward passes"
+                )
+
+    def _is_state_init_step(self) -> bool:
+        """Whether this is torch.distributed.checkpoint's state-initialisation step.
+
+        ``get/set_optimizer_state_dict`` step a fresh optimizer (empty state, no gradient)
+        once with zero gradients and every lr set to 0. Only checked when no gradient is
+        stashed (otherwise an error), so the host sync below is off the training path.
+        """
+        if self._stash is not None or self._optimizer.state:
+            return False
+        groups = self._optimizer.param_groups
+        if not all(float(g["lr"]) == 0.0 for g in groups if "lr" in g):
+            return False
+        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        return not any(bool(local_tensor(g).count_nonzero()) for g in grads)
 
     def _finish_warm_start(self) -> None:
         """Warm start: the update is the adversarial gradient alone."""
@@ -264,7 +351,7 @@ class AGROptimizer(Optimizer):
         clean: list[Tensor | None] = []
         segment_ids: list[int] = []
         segment = -1
-        for group in self.param_groups:
+        for group in self._optimizer.param_groups:
             group_has_grad = False
             for p in group["params"]:
                 current, stashed = p.grad, stash.get(p)
@@ -286,12 +373,22 @@ class AGROptimizer(Optimizer):
         num_segments = (max(segment_ids) + 1) if segment_ids else 0
         return params, adversarial, clean, segment_ids, num_segments
 
-    def _reconstruct(self) -> None:
+    def _prepare(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], int]:
         params, adversarial, clean, segment_ids, num_segments = self._pairs()
         try:
             validate_gradients(adversarial, clean)
         except ValueError as error:
             raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
+        return params, adversarial, clean, segment_ids, num_segments
+
+    def _reconstruct(
+        self,
+        params: list[Tensor],
+        adversarial: list[Tensor],
+        clean: list[Tensor | None],
+        segment_ids: list[int],
+        num_segments: int,
+    ) -> None:
         # Non-stashed parameters keep no gradient unless they have an adversarial one.
         assert self._stash is not None
         all_params = list(self._stash)
@@ -302,7 +399,7 @@ class AGROptimizer(Optimizer):
         for p in all_params:
             if id(p) not in with_grad:
                 p.grad = None
-        for p, r in zip(params, adversarial):
+        for p, r in zip(params, adversarial, strict=True):
             p.grad = r
         self._drop_stash()
 

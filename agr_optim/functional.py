@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._distributed import reconstruct_dtensor, validate_dtensors
 from ._fused import reconstruct_fused
 from ._loop import _empty_stats, reconstruct_loop
 from ._stats import ReconstructionStats
@@ -117,6 +118,17 @@ def _run(
     if len(adversarial) == 0:
         return [], _empty_stats(adversarial)
     with torch.no_grad():
+        if validate_dtensors(adversarial, clean):
+            # Sharded gradients: global sums from local shards (see _distributed.py).
+            return reconstruct_dtensor(
+                adversarial,
+                clean,
+                segment_ids=segment_ids,
+                num_segments=num_segments,
+                clip_norm=None if clip_norm is None or math.isinf(clip_norm) else float(clip_norm),
+                fused=fused,
+                out=out,
+            )
         impl = reconstruct_fused if fused else reconstruct_loop
         return impl(
             list(adversarial),
@@ -157,7 +169,9 @@ def validate_gradients(adversarial: Sequence[Tensor], clean: Sequence[Tensor | N
         raise ValueError(
             f"adversarial and clean have different lengths: {len(adversarial)} and {len(clean)}"
         )
-    for i, (a, c) in enumerate(zip(adversarial, clean)):
+    if all(isinstance(t, Tensor) for t in [*adversarial, *clean] if t is not None):
+        validate_dtensors(adversarial, clean)  # before shapes: a DTensor/plain mix is named as such
+    for i, (a, c) in enumerate(zip(adversarial, clean, strict=True)):
         if not isinstance(a, Tensor):
             raise ValueError(f"adversarial[{i}] is {type(a).__name__}, expected a Tensor")
         _check_dense_float(a, f"adversarial[{i}]")

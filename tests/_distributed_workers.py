@@ -1,0 +1,244 @@
+"""Worker functions for tests/test_distributed.py (spawned processes import them by name).
+
+Each worker runs several checks in one process group (starting a group costs seconds) and
+asserts inside the worker: a failure surfaces in the parent as the worker's traceback.
+The reference is one process on the whole batch: both gradients from autograd, AGR in float64
+numpy (``_asserts.reference_agr``, independent of the library) and SGD with momentum by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from _asserts import reference_agr
+from torch import nn
+
+from agr_optim import AGROptimizer
+
+WORLD = 2
+BATCH = 8  # global batch; each rank takes BATCH // WORLD
+LR, MOMENTUM, CLIP = 0.1, 0.9, 0.3
+TOL = 1e-5
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    # Linear(7, 1).weight has one row: with Shard(0) over 2 ranks one rank holds an empty shard.
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1))
+
+
+def make_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 1, generator=g))
+            for _ in range(steps)]
+
+
+def groups_of(model: nn.Module) -> list[dict]:
+    """Two param groups, so that granularity "group" differs from "global"."""
+    params = list(model.parameters())
+    return [{"params": params[:2]}, {"params": params[2:]}]
+
+
+def segments_for(granularity: str, n_first_group: int, n: int) -> list[int]:
+    if granularity == "tensor":
+        return list(range(n))
+    if granularity == "group":
+        return [0] * n_first_group + [1] * (n - n_first_group)
+    return [0] * n
+
+
+def reference_params(batches, granularity: str, clip: float | None = CLIP) -> list[torch.Tensor]:
+    """One process, whole batch, AGR by hand (float64 numpy), SGD with momentum by hand."""
+    model = make_model()
+    params = list(model.parameters())
+    buffers: list[np.ndarray | None] = [None] * len(params)
+    segments = segments_for(granularity, 2, len(params))
+    for x, x_adv, y in batches:
+        clean = torch.autograd.grad(F.mse_loss(model(x), y), params)
+        adversarial = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
+        r, _ = reference_agr(adversarial, clean, clip_norm=clip, segments=segments)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                buffers[i] = r[i] if buffers[i] is None else MOMENTUM * buffers[i] + r[i]
+                p -= torch.from_numpy(LR * buffers[i]).to(p.dtype)
+    return [p.detach().clone() for p in params]
+
+
+def train(model: nn.Module, opt: AGROptimizer, batches, rank: int, scaler=None, sharded_batch: bool = True) -> None:
+    lo, hi = (rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD) if sharded_batch else (0, BATCH)
+    scale = (lambda loss: scaler.scale(loss)) if scaler is not None else (lambda loss: loss)
+    for x, x_adv, y in batches:
+        x, x_adv, y = x[lo:hi], x_adv[lo:hi], y[lo:hi]
+        opt.zero_grad()
+        if opt.active:
+            scale(F.mse_loss(model(x), y)).backward()
+            opt.stash_clean()
+        scale(F.mse_loss(model(x_adv), y)).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+def assert_close(params, expected, what: str, tol: float = TOL) -> None:
+    for i, (p, q) in enumerate(zip(params, expected, strict=True)):
+        err = (full(p) - q).abs().max().item()
+        assert err <= tol, f"{what}: parameter {i} differs from the reference by {err:.3g} (> {tol})"
+
+
+def run(rank: int, port: int, check: Callable[[int, str], None], tmpdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        check(rank, tmpdir)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- DDP
+def ddp_checks(rank: int, tmpdir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = make_batches(3)
+    # Half the batch per rank equals the whole batch in one process, every granularity,
+    # with DDP's bucket views on and off (the stash must not alias a bucket).
+    for granularity, bucket_view in (("tensor", False), ("group", True), ("global", False)):
+        model = DDP(make_model(), gradient_as_bucket_view=bucket_view)
+        opt = AGROptimizer(torch.optim.SGD(groups_of(model), lr=LR, momentum=MOMENTUM), clip_norm=CLIP,
+                           granularity=granularity)
+        train(model, opt, batches, rank)
+        assert_close(model.parameters(), reference_params(batches, granularity),
+                     f"DDP {granularity} bucket_view={bucket_view}")
+    dcp_resume(rank, tmpdir, lambda: DDP(make_model()), "ddp")
+
+
+# --------------------------------------------------------------------------- FSDP2
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def fsdp_checks(rank: int, tmpdir: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    batches = make_batches(3)
+    for granularity in ("tensor", "group", "global"):
+        for fused in (True, False):
+            model = shard(make_model())
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+            opt = AGROptimizer(torch.optim.SGD(groups_of(model), lr=LR, momentum=MOMENTUM), clip_norm=CLIP,
+                               granularity=granularity, fused=fused)
+            train(model, opt, batches, rank)
+            assert_close(model.parameters(), reference_params(batches, granularity),
+                         f"FSDP2 {granularity} fused={fused}")
+            # The statistics are global: identical on both ranks.
+            cosines = [torch.zeros_like(opt.last_stats.cosine) for _ in range(WORLD)]
+            dist.all_gather(cosines, opt.last_stats.cosine)
+            assert torch.equal(cosines[0], cosines[1])
+    fsdp_grad_scaler(rank, batches)
+    fsdp_bad_input(rank)
+    dcp_resume(rank, tmpdir, lambda: shard(make_model()), "fsdp2")
+
+
+def fsdp_grad_scaler(rank: int, batches) -> None:
+    """GradScaler with sharded gradients: equals the reference; an inf on one rank skips on both."""
+    model = shard(make_model())
+    opt = AGROptimizer(torch.optim.SGD(groups_of(model), lr=LR, momentum=MOMENTUM), clip_norm=CLIP,
+                       granularity="tensor")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    train(model, opt, batches, rank, scaler=scaler)
+    assert_close(model.parameters(), reference_params(batches, "tensor"), "FSDP2 + GradScaler")
+    before = [full(p).clone() for p in model.parameters()]
+    x, x_adv, y = batches[0]
+    opt.zero_grad()
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    opt.stash_clean()
+    if rank == 0:  # an inf in rank 0's shard of the stashed gradient only
+        stashed = next(g for g in opt._stash.values() if g is not None)
+        stashed.to_local().view(-1)[0] = float("inf")
+    scaler.scale(F.mse_loss(model(x_adv), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11, f"rank {rank}: the scale did not back off ({scaler.get_scale()})"
+    assert opt.step_count == len(batches) and not opt.has_stash
+    assert_close(model.parameters(), before, "FSDP2 skipped step", tol=0.0)
+
+
+def fsdp_bad_input(rank: int) -> None:
+    from agr_optim.functional import reconstruct
+
+    model = shard(make_model())
+    sharded = [p.detach() for p in model.parameters()]
+    plain = [full(p) for p in sharded]
+    try:
+        reconstruct(sharded, plain)
+    except ValueError as error:
+        assert "DTensor and plain tensor" in str(error), str(error)
+    else:
+        raise AssertionError("a DTensor/plain mix was accepted")
+    # The functional API on DTensors equals the reference on the full tensors.
+    from torch.distributed.tensor import distribute_tensor
+
+    g = torch.Generator().manual_seed(2)  # the same full tensors on both ranks, then sharded
+    a = [distribute_tensor(torch.randn(p.shape, generator=g), p.device_mesh, p.placements) for p in sharded]
+    c = [distribute_tensor(torch.randn(p.shape, generator=g), p.device_mesh, p.placements) for p in sharded]
+    expected, _ = reference_agr([full(t) for t in a], [full(t) for t in c], clip_norm=0.5,
+                                segments=list(range(len(a))))
+    for fused in (True, False):
+        out = reconstruct(a, c, clip_norm=0.5, fused=fused)
+        assert all(isinstance(o, type(t)) and o.placements == t.placements for o, t in zip(out, a, strict=True))
+        assert_close(out, [torch.from_numpy(e).float() for e in expected], f"reconstruct on DTensors fused={fused}")
+
+
+# --------------------------------------------------------------------------- DCP
+def dcp_resume(rank: int, tmpdir: str, build: Callable[[], nn.Module], name: str) -> None:
+    """get/set_optimizer_state_dict on the wrapper, saved with DCP: a resumed run continues exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    batches = make_batches(5)
+
+    def fresh():
+        model = build()
+        # Adam has state to restore; the warm start (start_step=3) ends after the resume
+        # point, so the restored step count decides when AGR starts.
+        return model, AGROptimizer(torch.optim.Adam(groups_of(model), lr=1e-2), clip_norm=CLIP, start_step=3)
+
+    model, opt = fresh()
+    train(model, opt, batches[:2], rank)
+    path = os.path.join(tmpdir, name)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    train(model, opt, batches[2:], rank)
+
+    resumed, ropt = fresh()
+    assert ropt.step_count == 0
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, ropt)}
+    # The state-initialisation step DCP runs on a fresh optimizer is not counted.
+    assert ropt.step_count == 0, f"DCP's initialisation step was counted ({ropt.step_count})"
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, ropt, state["optim"])
+    assert ropt.step_count == 2 and not ropt.active, f"{name}: restored step count {ropt.step_count}"
+    train(resumed, ropt, batches[2:], rank)
+    assert ropt.step_count == opt.step_count == 5
+    assert_close(resumed.parameters(), [full(p) for p in model.parameters()], f"{name} DCP resume", tol=0.0)

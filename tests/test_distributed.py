@@ -1,0 +1,46 @@
+"""DDP, FSDP2 and torch.distributed.checkpoint: 2 gloo processes on loopback against 1 process.
+
+Each test spawns one process group and runs several checks in it (tests/_distributed_workers.py).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="needs torch.distributed with gloo",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(check_name: str, tmp_path) -> None:
+    import _distributed_workers as workers
+    import torch.multiprocessing as mp
+
+    mp.spawn(workers.run, args=(free_port(), getattr(workers, check_name), str(tmp_path)), nprocs=workers.WORLD)
+
+
+def test_ddp_equals_one_process_and_dcp_resumes(tmp_path):
+    """DDP, half the batch per rank = one process on the whole batch (1e-5), all granularities,
+    bucket views on and off; DCP save/load of the wrapper on DDP resumes bit for bit."""
+    spawn("ddp_checks", tmp_path)
+
+
+def test_fsdp2_equals_one_process_grad_scaler_bad_input_and_dcp(tmp_path):
+    """FSDP2 (DTensor shards, one of them empty) = one process (1e-5) for every granularity, fused
+    and loop; GradScaler on sharded gradients, an inf on one rank skips the step on both;
+    a DTensor/plain mix is refused; DCP save/load resumes bit for bit."""
+    spawn("fsdp_checks", tmp_path)
