@@ -238,3 +238,30 @@ def assert_unchanged(before: Sequence[Tensor | None], after: Sequence[Tensor | N
         assert torch.equal(b.nan_to_num(), x.nan_to_num()) and torch.equal(b.isnan(), x.isnan()), (
             f"{what}[{i}] changed"
         )
+
+
+def check_stats(stats, refs: list[SegmentRef], clip_norm: float | None, delta: float) -> None:
+    """The per-segment statistics against the reference, each with its own conditioning."""
+    for name in ("cosine", "projected", "norm_adversarial", "norm_clean", "norm_reconstructed", "clip_scale"):
+        value = getattr(stats, name)
+        assert isinstance(value, torch.Tensor) and value.shape == (len(refs),), name
+    for s, ref in enumerate(refs):
+        cosine = stats.cosine[s].item()
+        assert abs(cosine - ref.cosine) <= 2 * delta, f"segment {s}: cosine {cosine} vs {ref.cosine}"
+        if abs(ref.cosine) > 2 * delta or ref.dot == 0:
+            assert bool(stats.projected[s]) == ref.projected, f"segment {s}: projected"
+        assert math.isclose(stats.norm_adversarial[s].item(), ref.norm_a, rel_tol=delta, abs_tol=0.0)
+        assert math.isclose(stats.norm_clean[s].item(), ref.norm_c, rel_tol=delta, abs_tol=0.0)
+        # |r| before clipping: relative error delta * (kappa + kappa^2) (closed form, see above).
+        scale = ref.norm_a + ref.norm_c
+        norm_tol = 4 * delta * scale + (min(scale, 4 * delta * scale * scale / ref.norm_r) if ref.norm_r else 2 * scale)
+        norm_r = stats.norm_reconstructed[s].item()
+        assert abs(norm_r - ref.norm_r) <= norm_tol, f"segment {s}: |r| {norm_r} vs {ref.norm_r} (tol {norm_tol})"
+        clip = stats.clip_scale[s].item()
+        assert 0 < clip <= 1
+        if clip_norm is None:
+            assert clip == 1.0
+        elif ref.norm_r > 0 and norm_tol < 0.5 * ref.norm_r:
+            expected = min(1.0, clip_norm / ref.norm_r)
+            rel = 2 * norm_tol / ref.norm_r + 4 * delta
+            assert abs(clip - expected) <= rel * expected, f"segment {s}: clip scale {clip} vs {expected}"
