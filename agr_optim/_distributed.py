@@ -15,8 +15,8 @@ outside the float32 range, like the fused path; ``fused=False`` always sums ``a/
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -25,18 +25,11 @@ from ._geometry import accumulation_dtype, coefficient_dtype, coefficients
 from ._stats import ReconstructionStats
 
 
-@cache
-def _dtensor_types() -> tuple[type, ...]:
-    if not torch.distributed.is_available():
-        return ()
-    from torch.distributed.tensor import DTensor
-
-    return (DTensor,)
-
-
 def is_dtensor(t: object) -> bool:
-    types = _dtensor_types()
-    return bool(types) and isinstance(t, types)
+    # No DTensor exists unless its module was imported: this keeps the ~1 s import of
+    # torch.distributed.tensor out of `import agr_optim`, and traces under torch.compile.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local_tensor(t: Tensor) -> Tensor:

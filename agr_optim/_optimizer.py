@@ -202,7 +202,9 @@ class AGROptimizer(Optimizer):
 
         Call after the clean backward pass and before the adversarial one; ``.grad`` is
         ``None`` afterwards, so the adversarial backward starts from zero. No copy is made:
-        the gradient tensors themselves are kept.
+        the gradient tensors themselves are kept (except gradients that are views into a
+        shared buffer, like DDP's ``gradient_as_bucket_view``, which the next backward pass
+        would overwrite).
         """
         self._take_stash("clean")
 

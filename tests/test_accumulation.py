@@ -1,0 +1,94 @@
+"""Gradient accumulation: several backward passes before each stash and before step add up as in
+plain PyTorch; two half-batches with halved losses equal one full batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _asserts import reference_agr
+from torch import nn
+
+from agr_optim import AGROptimizer
+
+LR, MOMENTUM, CLIP = 0.1, 0.9, 0.3
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    return model, AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), clip_norm=CLIP)
+
+
+def data(steps=3, batch=8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 4, generator=g), torch.randn(batch, 4, generator=g), torch.randn(batch, 2, generator=g))
+            for _ in range(steps)]
+
+
+def accumulate(model, x, y, parts, scaler=None):
+    """``parts`` micro-batches, each loss divided by ``parts``: the mean over the whole batch."""
+    for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+        loss = F.mse_loss(model(xs), ys) / parts
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def train(model, opt, batches, parts, order="clean", scaler=None):
+    for x, x_adv, y in batches:
+        first, second = (x, x_adv) if order == "clean" else (x_adv, x)
+        opt.zero_grad()
+        accumulate(model, first, y, parts, scaler)
+        opt.stash_clean() if order == "clean" else opt.stash_adversarial()
+        accumulate(model, second, y, parts, scaler)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+
+
+def hand_reference(batches):
+    """Whole batch, one backward per gradient, AGR in float64 numpy, SGD with momentum by hand."""
+    model, _ = make()
+    params = list(model.parameters())
+    buffers = [None] * len(params)
+    for x, x_adv, y in batches:
+        c = torch.autograd.grad(F.mse_loss(model(x), y), params)
+        a = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
+        r, _ = reference_agr(a, c, clip_norm=CLIP, segments=list(range(len(params))))
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                buffers[i] = r[i] if buffers[i] is None else MOMENTUM * buffers[i] + r[i]
+                p -= torch.from_numpy(LR * buffers[i]).float()
+    return params
+
+
+@pytest.mark.parametrize("order", ["clean", "adversarial"])
+@pytest.mark.parametrize("parts", [1, 2, 4])
+@pytest.mark.parametrize("amp", [False, True])
+def test_micro_batches_equal_the_full_batch(order, parts, amp):
+    batches = data()
+    model, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if amp else None
+    train(model, opt, batches, parts, order, scaler)
+    for p, q in zip(model.parameters(), hand_reference(batches), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_accumulation_before_the_stash_is_kept_and_after_it_starts_from_zero():
+    """The stash takes the sum of the clean passes; the adversarial passes start from zero."""
+    model, opt = make()
+    (x, x_adv, y), = data(1)
+    params = list(model.parameters())
+    halves = [torch.autograd.grad(F.mse_loss(model(xs), ys) / 2, params)
+              for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True)]
+    opt.zero_grad()
+    accumulate(model, x, y, 2)
+    opt.stash_clean()
+    assert all(p.grad is None for p in params)
+    for p, h0, h1 in zip(params, *halves, strict=True):
+        torch.testing.assert_close(opt._stash[p], h0 + h1, rtol=1e-6, atol=1e-7)
+    accumulate(model, x_adv, y, 2)
+    adversarial = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
+    for p, a in zip(params, adversarial, strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
