@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _asserts import reference_agr
+from _reference_training import reference_sgd_training
 from torch import nn
 
 from agr_optim import AGROptimizer
@@ -52,21 +52,11 @@ def segments_for(granularity: str, n_first_group: int, n: int) -> list[int]:
     return [0] * n
 
 
-def reference_params(batches, granularity: str, clip: float | None = CLIP) -> list[torch.Tensor]:
+def reference_params(batches, granularity: str) -> list[torch.Tensor]:
     """One process, whole batch, AGR by hand (float64 numpy), SGD with momentum by hand."""
-    model = make_model()
-    params = list(model.parameters())
-    buffers: list[np.ndarray | None] = [None] * len(params)
-    segments = segments_for(granularity, 2, len(params))
-    for x, x_adv, y in batches:
-        clean = torch.autograd.grad(F.mse_loss(model(x), y), params)
-        adversarial = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
-        r, _ = reference_agr(adversarial, clean, clip_norm=clip, segments=segments)
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                buffers[i] = r[i] if buffers[i] is None else MOMENTUM * buffers[i] + r[i]
-                p -= torch.from_numpy(LR * buffers[i]).to(p.dtype)
-    return [p.detach().clone() for p in params]
+    n = len(list(make_model().parameters()))
+    return reference_sgd_training(make_model, batches, lr=LR, momentum=MOMENTUM, clip_norm=CLIP,
+                                  segments=segments_for(granularity, 2, n))
 
 
 def train(model: nn.Module, opt: AGROptimizer, batches, rank: int, scaler=None, sharded_batch: bool = True) -> None:

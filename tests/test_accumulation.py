@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _asserts import reference_agr
+from _reference_training import reference_sgd_training
 from torch import nn
 
 from agr_optim import AGROptimizer
@@ -48,19 +48,8 @@ def train(model, opt, batches, parts, order="clean", scaler=None):
 
 
 def hand_reference(batches):
-    """Whole batch, one backward per gradient, AGR in float64 numpy, SGD with momentum by hand."""
-    model, _ = make()
-    params = list(model.parameters())
-    buffers = [None] * len(params)
-    for x, x_adv, y in batches:
-        c = torch.autograd.grad(F.mse_loss(model(x), y), params)
-        a = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
-        r, _ = reference_agr(a, c, clip_norm=CLIP, segments=list(range(len(params))))
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                buffers[i] = r[i] if buffers[i] is None else MOMENTUM * buffers[i] + r[i]
-                p -= torch.from_numpy(LR * buffers[i]).float()
-    return params
+    model_only = lambda: make()[0]  # noqa: E731
+    return reference_sgd_training(model_only, batches, lr=LR, momentum=MOMENTUM, clip_norm=CLIP)
 
 
 @pytest.mark.parametrize("order", ["clean", "adversarial"])

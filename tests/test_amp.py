@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _asserts import reference_agr
+from _reference_training import reference_sgd_training
 from torch import nn
 
 from agr_optim import AGROptimizer
@@ -88,17 +88,7 @@ def test_scaled_run_equals_hand_reference():
     data = batches(3)
     model = make_model()
     train(model, wrap(model), data, torch.amp.GradScaler("cpu", init_scale=SCALE))
-    ref = make_model()
-    params = list(ref.parameters())
-    buffers = [None] * len(params)
-    for x, x_adv, y in data:
-        c = torch.autograd.grad(F.mse_loss(ref(x), y), params)
-        a = torch.autograd.grad(F.mse_loss(ref(x_adv), y), params)
-        r, _ = reference_agr(a, c, clip_norm=CLIP, segments=list(range(len(params))))
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                buffers[i] = r[i] if buffers[i] is None else MOMENTUM * buffers[i] + r[i]
-                p -= torch.from_numpy(LR * buffers[i]).float()
+    params = reference_sgd_training(make_model, data, lr=LR, momentum=MOMENTUM, clip_norm=CLIP)
     for p, q in zip(model.parameters(), params, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
 
