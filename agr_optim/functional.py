@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import reconstruct_dtensor, validate_dtensors
-from ._fused import reconstruct_fused
+from ._fused import reconstruct_compiled, reconstruct_fused
 from ._loop import _empty_stats, reconstruct_loop
 from ._stats import ReconstructionStats
 
@@ -45,7 +45,7 @@ def reconstruct(
     *,
     clip_norm: float | None = None,
     granularity: str = "tensor",
-    fused: bool = True,
+    fused: bool | str = True,
 ) -> list[Tensor]:
     r"""Reconstruct the AGR update from adversarial and clean gradients.
 
@@ -58,7 +58,11 @@ def reconstruct(
             (all tensors one segment).
         fused: ``True`` for the flattened implementation (one reduction pass for all three
             sums of every segment, one combine pass); ``False`` for the plain per-segment loop
-            that states the math. Both give the same result up to rounding.
+            that states the math. Both give the same result up to rounding. ``"compile"``
+            (opt-in): the fused path through ``torch.compile``, one pass per tensor for the
+            sums and one for the combine; the first call compiles (tens of seconds on CPU),
+            and out-of-range sums (norms beyond about 1e19, or below about 1e-12 where float32
+            squares lose digits) are not rescued.
 
     Returns:
         New tensors, one per input, each with its input's shape and dtype. The inputs are
@@ -79,6 +83,7 @@ def reconstruct(
         [tensor([0.6000, 0.8000])]
     """
     validate_clip_norm(clip_norm)
+    validate_fused(fused)
     segment_ids, num_segments = _segments(validate_granularity(granularity, GRANULARITIES), len(adversarial))
     validate_gradients(adversarial, clean)
     results, _ = _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=None)
@@ -91,7 +96,7 @@ def reconstruct_(
     *,
     clip_norm: float | None = None,
     granularity: str = "tensor",
-    fused: bool = True,
+    fused: bool | str = True,
 ) -> ReconstructionStats:
     """In-place :func:`reconstruct`: overwrite ``adversarial`` with the result.
 
@@ -99,6 +104,7 @@ def reconstruct_(
     :class:`~agr_optim.ReconstructionStats` instead of new tensors.
     """
     validate_clip_norm(clip_norm)
+    validate_fused(fused)
     segment_ids, num_segments = _segments(validate_granularity(granularity, GRANULARITIES), len(adversarial))
     validate_gradients(adversarial, clean)
     _, stats = _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=adversarial)
@@ -111,7 +117,7 @@ def _run(
     segment_ids: Sequence[int],
     num_segments: int,
     clip_norm: float | None,
-    fused: bool,
+    fused: bool | str,
     out: Sequence[Tensor] | None,
 ) -> tuple[list[Tensor], ReconstructionStats]:
     """Dispatch to the loop or the fused implementation (already validated arguments)."""
@@ -129,7 +135,7 @@ def _run(
                 fused=fused,
                 out=out,
             )
-        impl = reconstruct_fused if fused else reconstruct_loop
+        impl = reconstruct_compiled if fused == "compile" else reconstruct_fused if fused else reconstruct_loop
         return impl(
             list(adversarial),
             list(clean),
@@ -150,6 +156,11 @@ def validate_granularity(granularity: object, allowed: Sequence[str]) -> str:
     if not isinstance(granularity, str) or granularity not in allowed:
         raise ValueError(f"Invalid granularity: {granularity!r}; expected one of {', '.join(map(repr, allowed))}")
     return granularity
+
+
+def validate_fused(fused: object) -> None:
+    if isinstance(fused, str) and fused != "compile":
+        raise ValueError(f"Invalid fused: {fused!r}; expected True, False or 'compile'")
 
 
 def validate_clip_norm(clip_norm: object) -> None:
