@@ -27,6 +27,7 @@ def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: fl
 
     Example:
         >>> import torch
+        >>> from agr_optim.recipes import trades_loss
         >>> z = torch.tensor([[2.0, 0.0]])
         >>> round(float(trades_loss(z, z, torch.tensor([0]))), 4)  # equal logits: only CE(clean) = log(1 + e^-2)
         0.1269
