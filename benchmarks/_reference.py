@@ -23,14 +23,19 @@ def per_layer_reconstruct(adversarial: Sequence[Tensor], clean: Sequence[Tensor]
         norm_adv, norm_clean = torch.norm(g_adv), torch.norm(g_clean)
         dot = torch.dot(g_adv, g_clean)
         cosine = (dot / (norm_adv * norm_clean + 1e-20)).item()
-        if cosine <= 0:
-            grad = g_adv - (dot / norm_clean**2) * g_clean
-        else:
-            grad = cosine * g_clean + (1 - cosine) * g_adv
-        clip = clip_norm / torch.norm(grad)
-        grad = grad * torch.minimum(torch.ones_like(clip), clip)
-        results.append(grad.view_as(a).clone())
+        results.append(_layer_update(g_adv, g_clean, dot, norm_clean, cosine, clip_norm).view_as(a).clone())
     return results
+
+
+def _layer_update(g_adv: Tensor, g_clean: Tensor, dot: Tensor, norm_clean: Tensor, cosine: float,
+                  clip_norm: float) -> Tensor:
+    """The script's branch on the Python-float cosine, with new tensors at every operation."""
+    if cosine <= 0:
+        grad = g_adv - (dot / norm_clean**2) * g_clean
+    else:
+        grad = cosine * g_clean + (1 - cosine) * g_adv
+    clip = clip_norm / torch.norm(grad)
+    return grad * torch.minimum(torch.ones_like(clip), clip)
 
 
 @torch.no_grad()
@@ -46,11 +51,6 @@ def paper_script_reconstruct(adversarial: Sequence[Tensor], clean: Sequence[Tens
         norm_adv, norm_clean = torch.norm(g_adv), torch.norm(g_clean)
         cosine = (torch.dot(g_adv, g_clean) / (norm_adv * norm_clean + 1e-20)).item()
         logged += torch.norm(g_adv - g_clean).item() + cosine
-        if cosine <= 0:
-            grad = g_adv - (torch.dot(g_adv, g_clean) / norm_clean**2) * g_clean
-        else:
-            grad = cosine * g_clean + (1 - cosine) * g_adv
-        clip = clip_norm / torch.norm(grad)
-        grad = grad * torch.minimum(torch.ones_like(clip), clip)
-        results.append(grad.view_as(a).clone())
+        dot = torch.dot(g_adv, g_clean)  # the script takes the dot again in the projection branch
+        results.append(_layer_update(g_adv, g_clean, dot, norm_clean, cosine, clip_norm).view_as(a).clone())
     return results

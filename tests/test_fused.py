@@ -8,6 +8,8 @@ without host synchronisation.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -106,6 +108,16 @@ def test_fused_flag_is_validated():
         reconstruct([torch.ones(2)], [torch.ones(2)], fused="yes")
 
 
+@contextlib.contextmanager
+def _sync_is_an_error():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("granularity", ["tensor", "group", "global"])
 def test_cuda_step_never_synchronises(granularity):
@@ -118,17 +130,9 @@ def test_cuda_step_never_synchronises(granularity):
     for _ in range(3):  # the first step allocates the momentum buffers
         opt.zero_grad()
         model(x).square().mean().backward()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _sync_is_an_error():
             opt.stash_clean()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         model(x + 0.5).abs().mean().backward()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _sync_is_an_error():
             opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     assert opt.step_count == 3
