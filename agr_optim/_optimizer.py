@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from ._amp import forget_scaler_request, read_scaler_request, stash_group, unscale_
 from ._distributed import local_tensor
 from ._stats import ReconstructionStats
-from .functional import _run, validate_clip_norm, validate_gradients, validate_granularity
+from .functional import _run, validate_clip_norm, validate_fused, validate_gradients, validate_granularity
 
 __all__ = ["AGROptimizer"]
 
@@ -54,7 +54,9 @@ class AGROptimizer(Optimizer):
         start_step: number of initial steps that use the adversarial gradient alone.
         granularity: the segments: ``"tensor"`` (each parameter tensor, the paper),
             ``"group"`` (each param group) or ``"global"`` (all parameters at once).
-        fused: use the fused implementation (default) or the readable per-segment loop.
+        fused: use the fused implementation (default) or the readable per-segment loop;
+            ``"compile"`` (opt-in) runs the fused path through ``torch.compile`` (see
+            :func:`agr_optim.functional.reconstruct`).
 
     Attributes:
         last_stats: :class:`~agr_optim.ReconstructionStats` of the last reconstructing step
@@ -87,7 +89,7 @@ class AGROptimizer(Optimizer):
         clip_norm: float | None = 0.1,
         start_step: int = 0,
         granularity: str = "tensor",
-        fused: bool = True,
+        fused: bool | str = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -105,7 +107,8 @@ class AGROptimizer(Optimizer):
         self.clip_norm: float | None = clip_norm
         self.start_step: int = int(start_step)
         self.granularity: str = granularity
-        self.fused: bool = bool(fused)
+        validate_fused(fused)
+        self.fused: bool | str = _fused_setting(fused)
         self._step_count = 0
         self._stash: dict[Tensor, Tensor | None] | None = None
         self._stash_kind: str | None = None
@@ -462,6 +465,11 @@ class AGROptimizer(Optimizer):
             post_hook(self)
 
 
+def _fused_setting(fused: object) -> bool | str:
+    """``"compile"`` stays as it is; anything else is read as a bool, as before."""
+    return "compile" if fused == "compile" else bool(fused)
+
+
 def _validate_start_step(start_step: object) -> None:
     if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or int(start_step) < 0:
         raise ValueError(f"Invalid start_step: {start_step!r}; expected an integer >= 0")
@@ -486,4 +494,4 @@ def _read_agr_state(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
     validate_clip_norm(mine["clip_norm"])
     _validate_start_step(mine["start_step"])
     validate_granularity(mine["granularity"], GRANULARITIES)
-    return {**mine, "step": int(step), "start_step": int(mine["start_step"]), "fused": bool(mine["fused"])}
+    return {**mine, "step": int(step), "start_step": int(mine["start_step"]), "fused": _fused_setting(mine["fused"])}

@@ -66,23 +66,24 @@ def test_chunked_combine_equals_loop(dtype, granularity, clip_norm):
         assert_close_normwise(x, w)
 
 
-def test_optimizer_step_with_channels_last_model_equals_loop():
-    def run(fused):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 2))
-        model = model.to(memory_format=torch.channels_last)
-        x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
-        model(x)
-        opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), clip_norm=0.5, fused=fused)
-        for _ in range(2):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.stash_clean()
-            model(x + 0.3).abs().mean().backward()
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()]
+def _train_small_channels_last(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 2))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    model(x)
+    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), clip_norm=0.5, fused=fused)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.stash_clean()
+        model(x + 0.3).abs().mean().backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
 
-    for got, want in zip(run(True), run(False), strict=True):
+
+def test_optimizer_step_with_channels_last_model_equals_loop():
+    for got, want in zip(_train_small_channels_last(True), _train_small_channels_last(False), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -103,9 +104,20 @@ def test_compiled_path_equals_loop(granularity):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_optimizer_compiled_path_equals_loop():
+    torch._dynamo.reset()
+    for got, want in zip(_train_small_channels_last("compile"), _train_small_channels_last(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_fused_flag_is_validated():
     with pytest.raises(ValueError, match="fused"):
         reconstruct([torch.ones(2)], [torch.ones(2)], fused="yes")
+    with pytest.raises(ValueError, match="fused"):
+        AGROptimizer(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), fused="yes")
 
 
 @contextlib.contextmanager
