@@ -2,7 +2,7 @@
 
 ``python -m benchmarks._memory --model NAME --variant VARIANT`` trains the model for a few
 steps (random CIFAR-sized batches, the paper's SGD: momentum 0.9, weight decay 5e-4) and prints
-one JSON line with the peak RSS (``ru_maxrss``). The parent compares each AGR variant with
+one JSON line with the peak RSS (``VmHWM`` on Linux). The parent compares each AGR variant with
 plain SGD run the same way: the difference is the extra memory AGR needs. Every AGR step runs
 two real backward passes (clean, then adversarial), so the stash is what autograd produced.
 """
@@ -22,7 +22,16 @@ VARIANTS = ("plain", "agr_fused", "agr_loop", "per_layer_reference")
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """This process's peak RSS. ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``,
+    so in a child started by a large parent it reports the parent's size at the fork."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _train(model_name: str, variant: str, steps: int, batch: int) -> dict[str, float]:
