@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import accumulation_dtype, coefficient_dtype, coefficients
+from ._geometry import accumulation_dtype, coefficient_dtype, coefficients, sum_error
 from ._stats import ReconstructionStats
 
 
@@ -146,7 +146,12 @@ def reconstruct_dtensor(
             scale = global_scale()
             dot, sq_a, sq_c = segment_sums(scale)
     rounding = 2.0 * max(torch.finfo(a.dtype).eps for a in local_a)
-    k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding)
+    # Ill-conditioned projections clip by a safe bound here (no exact second pass over shards).
+    numels = [0] * num_segments
+    for g, segment in zip(adversarial, segment_ids, strict=True):
+        numels[segment] += g.numel()
+    error = sum_error(local_a[0].dtype, max(numels, default=1))
+    k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=error)
     k_a, k_c = k.adversarial[ids], k.clean[ids]
     results: list[Tensor] = []
     for i, (a, c) in enumerate(zip(local_a, local_c, strict=True)):

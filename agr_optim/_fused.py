@@ -20,8 +20,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import accumulation_dtype, coefficient_dtype, coefficients
-from ._loop import scaled_sums
+from ._geometry import (
+    Coefficients,
+    accumulation_dtype,
+    coefficient_dtype,
+    coefficients,
+    ill_conditioned,
+    sum_error,
+)
+from ._loop import combined, scaled_sums
 from ._stats import ReconstructionStats
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -106,11 +113,77 @@ def reconstruct_fused(
         dot, sq_a, sq_c, scale = _rescue(adversarial, clean, segment_ids, dots, squares_a.sqrt(),
                                          squares_c.sqrt(), to_segments, dot, sq_a, sq_c, scale)
     rounding = 2.0 * max(torch.finfo(dtype).eps for dtype in {a.dtype for a in adversarial})
-    k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding)
+    error = _sum_error(adversarial, segment_ids, num_segments)
+    k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=error)
+    if clip_norm is not None and not torch.compiler.is_compiling() and device.type == "cpu":
+        k = exact_clip(adversarial, clean, segment_ids, k, (dot, sq_a, sq_c, scale), clip_norm, rounding)
     k_a = k.adversarial if ids is None else k.adversarial[ids]
     k_c = k.clean if ids is None else k.clean[ids]
     results = _combine(adversarial, clean, k_a, k_c, out)
     return results, k.stats
+
+
+def _sum_error(adversarial: Sequence[Tensor], segment_ids: Sequence[int], num_segments: int) -> float:
+    """:func:`~agr_optim._geometry.sum_error` of the largest segment (a Python float: no sync)."""
+    sizes = [0] * num_segments
+    for a, segment in zip(adversarial, segment_ids, strict=True):
+        sizes[segment] += a.numel()
+    # float32 accumulation unless every gradient is float64 (the larger error wins).
+    dtype = torch.float64 if all(a.dtype == torch.float64 for a in adversarial) else torch.float32
+    return sum_error(dtype, max(sizes, default=1))
+
+
+def exact_clip(
+    adversarial: Sequence[Tensor],
+    clean: Sequence[Tensor | None],
+    segment_ids: Sequence[int],
+    k: Coefficients,
+    sums: tuple[Tensor, Tensor, Tensor, Tensor],
+    clip_norm: float,
+    rounding: float,
+) -> Coefficients:
+    r"""Clip ill-conditioned projected segments by their exact norm (CPU: the check is free).
+
+    When :math:`a` is nearly antiparallel to :math:`c`, :math:`\lVert r\rVert` is a small
+    difference of the sums and the closed form can be off by orders of magnitude; there the
+    loop's explicit ``r`` gives the norm. Such segments are rare in training (cosine below
+    about -0.97), so this costs nothing on most steps.
+    """
+    ill = ill_conditioned(k.stats)
+    if not bool(ill.any()):
+        return k
+    dot, sq_a, sq_c, scale = sums
+    unclipped = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=None)
+    norm_r = k.stats.norm_reconstructed.clone()
+    for segment in ill.nonzero().flatten().tolist():
+        members = [i for i, s in enumerate(segment_ids) if s == segment]
+        _, norm = combined(
+            [adversarial[i] for i in members],
+            [clean[i] for i in members],
+            unclipped.adversarial[segment],
+            unclipped.clean[segment],
+            scale[segment],
+        )
+        norm_r[segment] = norm
+    # As in coefficients(): never below the combine's own rounding noise, which differs from
+    # that of the explicit r above (the fused combine rounds in another order).
+    stats = k.stats
+    noise = rounding * (
+        unclipped.adversarial.abs() * stats.norm_adversarial + unclipped.clean.abs() * stats.norm_clean
+    )
+    bound = torch.sqrt(norm_r * norm_r + noise * noise)
+    exact = torch.where(bound > 0, clip_norm / torch.where(bound > 0, bound, 1.0), 1.0)
+    exact = torch.where(exact.isnan(), exact, exact.clamp(max=1.0))
+    clip_scale = torch.where(ill, exact, stats.clip_scale)
+    stats = type(stats)(
+        cosine=stats.cosine,
+        projected=stats.projected,
+        norm_adversarial=stats.norm_adversarial,
+        norm_clean=stats.norm_clean,
+        norm_reconstructed=norm_r,
+        clip_scale=clip_scale,
+    )
+    return Coefficients(unclipped.adversarial * clip_scale, unclipped.clean * clip_scale, stats)
 
 
 def _rescue(adversarial, clean, segment_ids, dots, norms_a, norms_c, to_segments, dot, sq_a, sq_c, scale):
@@ -253,6 +326,7 @@ def _fused_compilable(
     num_segments: int,
     clip_norm: float | None,
     rounding: float,
+    error: float,
     inplace: bool,
 ) -> tuple[list[Tensor], ReconstructionStats]:
     """The fused path written for ``torch.compile``: sums as ``(a * c).sum()`` and friends,
@@ -269,7 +343,7 @@ def _fused_compilable(
     s = torch.stack(sums).to(coefficient_dtype(adversarial[0].device))
     if ids is not None:
         s = torch.zeros(num_segments, 3, dtype=s.dtype, device=s.device).index_add_(0, ids, s)
-    k = coefficients(s[:, 0], s[:, 1], s[:, 2], clip_norm=clip_norm, rounding=rounding)
+    k = coefficients(s[:, 0], s[:, 1], s[:, 2], clip_norm=clip_norm, rounding=rounding, sum_error=error)
     k_a = k.adversarial if ids is None else k.adversarial[ids]
     k_c = k.clean if ids is None else k.clean[ids]
     results = []
@@ -310,7 +384,8 @@ def reconstruct_compiled(
     rounding = 2.0 * max(torch.finfo(dtype).eps for dtype in {a.dtype for a in adversarial})
     inplace = out is not None and all(o is a for o, a in zip(out, adversarial, strict=True))
     results, stats = _compiled_kernel(  # type: ignore[operator]
-        list(adversarial), list(clean), ids, num_segments, clip_norm, rounding, inplace
+        list(adversarial), list(clean), ids, num_segments, clip_norm, rounding,
+        _sum_error(adversarial, segment_ids, num_segments), inplace
     )
     if out is not None and not inplace:
         for target, r in zip(out, results, strict=True):

@@ -14,6 +14,7 @@ the clipping, need ``s`` back.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,29 @@ def coefficient_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+#: A projected segment with :math:`\sin^2(a, c) = (1-\cos)(1+\cos)` below this is
+#: ill-conditioned: :math:`\lVert r\rVert^2 = \lVert a\rVert^2 \sin^2` is then a small
+#: difference of the three sums, and their rounding (relative :math:`\gamma`) moves it by up
+#: to about :math:`4\gamma\lVert a\rVert^2`, i.e. :math:`4\gamma/\sin^2` relative.
+ILL_CONDITIONED = 1.0 / 16.0
+
+
+def sum_error(dtype: torch.dtype, numel: int) -> float:
+    r"""Relative error allowance for a sum of ``numel`` products accumulated in ``dtype``.
+
+    Rounding errors of a long float32 sum behave like a random walk, about
+    :math:`\epsilon\sqrt{n}` relative; four times that is a wide margin in practice (the
+    worst case, :math:`n\epsilon`, is never approached by blocked and pairwise sums).
+    """
+    return 4.0 * torch.finfo(accumulation_dtype(dtype)).eps * math.sqrt(max(numel, 1))
+
+
+def ill_conditioned(stats: ReconstructionStats) -> Tensor:
+    """``[S]`` mask of the projected segments whose closed-form norm is ill-conditioned."""
+    cosine = stats.cosine
+    return stats.projected & ((1.0 - cosine) * (1.0 + cosine) < ILL_CONDITIONED)
+
+
 def coefficients(
     dot: Tensor,
     sq_adversarial: Tensor,
@@ -50,6 +74,7 @@ def coefficients(
     scale: Tensor | None = None,
     clip_norm: float | None,
     rounding: float = 0.0,
+    sum_error: float = 0.0,
 ) -> Coefficients:
     r"""Turn per-segment sums into the AGR coefficients :math:`(k_a, k_c)`.
 
@@ -70,6 +95,13 @@ def coefficients(
         rounding: relative rounding error of the combine ``k_a a + k_c c`` in the output dtype.
             The norm used for clipping never goes below that rounding noise, so that a result
             which is all rounding noise (``c = -k a`` exactly) is clipped too, not passed on.
+        sum_error: relative error allowance :math:`\gamma` of the sums (:func:`sum_error`).
+            In ill-conditioned projected segments (:data:`ILL_CONDITIONED`) the norm used for
+            clipping is raised to :math:`\sqrt{\lVert r\rVert^2 + 4\gamma\lVert a\rVert^2}`,
+            so the clipped result stays within ``clip_norm`` even where the closed form has
+            lost its digits (it may then clip more than the exact rule would). Callers that can
+            afford a host read redo those segments' clipping exactly instead (the fused path
+            on CPU does, see ``_fused.exact_clip``).
 
     Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
     """
@@ -104,7 +136,9 @@ def coefficients(
         clip_scale = torch.ones_like(norm_r)
     else:
         noise = rounding * (k_a.abs() * norm_a + k_c.abs() * norm_c)
-        bound = torch.sqrt(norm_r * norm_r + noise * noise)
+        ill = projected & (one_minus * (1.0 + cosine) < ILL_CONDITIONED)
+        doubt = torch.where(ill, (4.0 * sum_error) * norm_a * norm_a, 0.0)
+        bound = torch.sqrt(norm_r * norm_r + doubt + noise * noise)
         # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
         clip_scale = torch.where(bound > 0, clip_norm / torch.where(bound > 0, bound, 1.0), 1.0)
         clip_scale = torch.where(clip_scale.isnan(), clip_scale, clip_scale.clamp(max=1.0))

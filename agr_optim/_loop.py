@@ -38,6 +38,26 @@ def scaled_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None]) -
     return dot, sq_a, sq_c, scale
 
 
+def combined(
+    adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], k_a: Tensor, k_c: Tensor, scale: Tensor
+) -> tuple[list[Tensor], Tensor]:
+    """``r = k_a a + k_c c`` of one segment, written out in the accumulation dtype, and ``|r|``.
+
+    The norm is taken of ``r/s`` like the sums, so it neither over- nor underflows.
+    """
+    acc = accumulation_dtype(adversarial[0].dtype)
+    k_a, k_c, scale = k_a.to(acc), k_c.to(acc), scale.to(acc)
+    r_list = []
+    sq_r = torch.zeros((), dtype=acc, device=k_a.device)
+    for a, c in zip(adversarial, clean):
+        r = k_a * a.detach().to(acc)
+        if c is not None:
+            r = r + k_c * c.detach().to(acc)
+        sq_r = sq_r + (r / scale).square().sum()
+        r_list.append(r)
+    return r_list, sq_r.sqrt() * scale
+
+
 def reconstruct_loop(
     adversarial: Sequence[Tensor],
     clean: Sequence[Tensor | None],
@@ -58,18 +78,7 @@ def reconstruct_loop(
         c_list = [clean[i] for i in indices]
         dot, sq_a, sq_c, scale = scaled_sums(a_list, c_list)
         k = coefficients(dot[None], sq_a[None], sq_c[None], scale=scale[None], clip_norm=None)
-        acc = dot.dtype
-        k_a, k_c = k.adversarial[0].to(acc), k.clean[0].to(acc)
-        # r = k_a a + k_c c, written out; its norm is taken of r/s like the sums.
-        r_list = []
-        sq_r = torch.zeros((), dtype=acc, device=dot.device)
-        for a, c in zip(a_list, c_list):
-            r = k_a * a.detach().to(acc)
-            if c is not None:
-                r = r + k_c * c.detach().to(acc)
-            sq_r = sq_r + (r / scale).square().sum()
-            r_list.append(r)
-        norm_r = sq_r.sqrt() * scale
+        r_list, norm_r = combined(a_list, c_list, k.adversarial[0], k.clean[0], scale)
         if clip_norm is None:
             clip = torch.ones_like(norm_r)
         else:
