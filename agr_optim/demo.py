@@ -532,6 +532,15 @@ def _plot(plt: Any, cfg: Config, results: Sequence[RunResult], path: str) -> Non
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0. Bad arguments: a one-line error on stderr and ``SystemExit(2)``."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        # --threads is for this run only: a caller in the same process keeps its setting.
+        torch.set_num_threads(threads)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     cfg = _validate(parser, parser.parse_args(argv))
     _, plt, tqdm = _import_extras()
