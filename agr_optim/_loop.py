@@ -28,7 +28,7 @@ def scaled_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None]) -
     dot = torch.zeros((), dtype=acc, device=device)
     sq_a = torch.zeros((), dtype=acc, device=device)
     sq_c = torch.zeros((), dtype=acc, device=device)
-    for a, c in zip(adversarial, clean):
+    for a, c in zip(adversarial, clean, strict=True):
         a = a.detach().to(acc).flatten() / scale
         sq_a = sq_a + torch.dot(a, a)
         if c is not None:
@@ -49,7 +49,7 @@ def combined(
     k_a, k_c, scale = k_a.to(acc), k_c.to(acc), scale.to(acc)
     r_list = []
     sq_r = torch.zeros((), dtype=acc, device=k_a.device)
-    for a, c in zip(adversarial, clean):
+    for a, c in zip(adversarial, clean, strict=True):
         r = k_a * a.detach().to(acc)
         if c is not None:
             r = r + k_c * c.detach().to(acc)
@@ -84,13 +84,13 @@ def reconstruct_loop(
         else:
             clip = torch.where(norm_r > 0, clip_norm / torch.where(norm_r > 0, norm_r, 1.0), 1.0)
             clip = torch.where(clip.isnan(), clip, clip.clamp(max=1.0))
-        for i, r in zip(indices, r_list):
+        for i, r in zip(indices, r_list, strict=True):
             results[i] = (r * clip).to(adversarial[i].dtype)
         parts.append(
             _with_clip(k, norm_r.to(k.stats.cosine.dtype)[None], clip.to(k.stats.cosine.dtype)[None])
         )
     if out is not None:
-        for target, r in zip(out, results):
+        for target, r in zip(out, results, strict=True):
             target.copy_(r)
         results = list(out)
     if not parts:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from torch import Tensor
 from _asserts import (
     SegmentRef,
     assert_between,
@@ -38,6 +37,7 @@ from _asserts import (
 )
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from torch import Tensor
 
 from agr_optim import ReconstructionStats
 from agr_optim.functional import reconstruct, reconstruct_
