@@ -282,20 +282,23 @@ class AGROptimizer(Optimizer):
             return loss
         if amp.inv_scale is not None:
             unscale_(self._all_gradients(), amp.inv_scale)
+        # Attribute writes come after the inner step: under torch.compile the inner step's
+        # graph break drops the writes made before it (seen with torch 2.13); .grad writes stay.
         if prepared is not None:
-            self._reconstruct(*prepared)
+            stats = self._reconstruct(*prepared)
             self._optimizer.step()
+            self.last_stats = stats
             self._step_count += 1
         elif init_step:
             # torch.distributed.checkpoint initialises a fresh optimizer's state with a step
             # on zero gradients at lr 0; it moves nothing, so it is passed to the inner
             # optimizer and not counted.
-            self._drop_stash()
             self._optimizer.step()
         else:
             self._finish_warm_start()
             self._optimizer.step()
             self._step_count += 1
+        self._drop_stash()
         return loss
 
     def _all_gradients(self) -> list[Tensor]:
@@ -339,7 +342,6 @@ class AGROptimizer(Optimizer):
         if self._stash is not None and self._stash_kind == "adversarial":
             for p, g in self._stash.items():
                 p.grad = g
-        self._drop_stash()
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], int]:
         """Parameters with an adversarial gradient, their (a, c) pairs and segment ids."""
@@ -393,11 +395,11 @@ class AGROptimizer(Optimizer):
         clean: list[Tensor | None],
         segment_ids: list[int],
         num_segments: int,
-    ) -> None:
+    ) -> ReconstructionStats:
         # Non-stashed parameters keep no gradient unless they have an adversarial one.
         assert self._stash is not None
         all_params = list(self._stash)
-        _, self.last_stats = _run(
+        _, stats = _run(
             adversarial, clean, segment_ids, num_segments, self.clip_norm, self.fused, out=adversarial
         )
         with_grad = set(map(id, params))
@@ -406,7 +408,7 @@ class AGROptimizer(Optimizer):
                 p.grad = None
         for p, r in zip(params, adversarial, strict=True):
             p.grad = r
-        self._drop_stash()
+        return stats
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
