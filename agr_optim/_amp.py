@@ -77,14 +77,17 @@ def read_scaler_request(optimizer: object, group: dict[str, Any] | None, has_sta
         raise RuntimeError(
             f"the stashed gradient was unscaled by scaler.unscale_() under scale {unscaled_by:g}, but "
             f"GradScaler.step() reports the gradients scaled by {float(grad_scale):g}: scaler.update() ran "
-            "between unscale_() and step(). Nothing was changed; call zero_grad() and redo the step"
+            "between unscale_() and step(). Nothing was changed; skip this iteration (opt.zero_grad(); "
+            "scaler.update()) and redo it"
         )
-    if has_stash and grad_scale is None and unscaled_by is None:
+    # unscale_() already ran (grad_scale is None) but never saw the stash group: it ran before
+    # the stash. (A sentinel still at 1 with the group shown means a scale of exactly 1.)
+    if has_stash and grad_scale is None and group is None:
         raise RuntimeError(
             "scaler.unscale_(optimizer) ran before the gradient was stashed, so the stashed gradient is "
             "unscaled and the current one is still scaled (AGR mixes them). Call scaler.unscale_() once, "
-            "after both backward passes: it unscales the stash too. Nothing was changed "
-            "(if the scaler's scale is exactly 1, unscale_() before the stash is harmless: call it after)"
+            "after both backward passes: it unscales the stash too. Nothing was changed; skip this "
+            "iteration (opt.zero_grad(); scaler.update()) and redo it"
         )
     inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
     return ScalerRequest(bool(read[0]), inv_scale)

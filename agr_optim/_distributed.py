@@ -21,7 +21,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import accumulation_dtype, coefficient_dtype, coefficients, sum_error
+from ._geometry import (
+    accumulation_dtype,
+    coefficient_dtype,
+    coefficients,
+    combine_rounding,
+    narrowest_accumulation_dtype,
+    sum_error,
+)
 from ._stats import ReconstructionStats
 
 
@@ -138,14 +145,14 @@ def reconstruct_dtensor(
     dot, sq_a, sq_c = segment_sums(scale)
     if fused and device.type == "cpu" and not torch.compiler.is_compiling():
         # The same decision on every rank (the sums are global), so all enter the rescue.
-        low = torch.finfo(accumulation_dtype(local_a[0].dtype)).tiny * 2.0**48
+        low = torch.finfo(narrowest_accumulation_dtype(a.dtype for a in local_a)).tiny * 2.0**48
         small = lambda x: (x > 0) & (x < low)  # noqa: E731
         suspect = ~(dot.isfinite() & sq_a.isfinite() & sq_c.isfinite()) | small(sq_a) | small(sq_c)
         suspect |= small(sq_a * sq_c)
         if bool(suspect.any()):
             scale = global_scale()
             dot, sq_a, sq_c = segment_sums(scale)
-    rounding = 2.0 * max(torch.finfo(a.dtype).eps for a in local_a)
+    rounding = combine_rounding(a.dtype for a in local_a)
     # Ill-conditioned projections clip by a safe bound here (no exact second pass over shards).
     numels = [0] * num_segments
     for g, segment in zip(adversarial, segment_ids, strict=True):

@@ -22,10 +22,11 @@ from torch import Tensor
 
 from ._geometry import (
     Coefficients,
-    accumulation_dtype,
     coefficient_dtype,
     coefficients,
+    combine_rounding,
     ill_conditioned,
+    narrowest_accumulation_dtype,
     sum_error,
 )
 from ._loop import combined, scaled_sums
@@ -112,7 +113,7 @@ def reconstruct_fused(
         # (see the docs: "Range").
         dot, sq_a, sq_c, scale = _rescue(adversarial, clean, segment_ids, dots, squares_a.sqrt(),
                                          squares_c.sqrt(), to_segments, dot, sq_a, sq_c, scale)
-    rounding = 2.0 * max(torch.finfo(dtype).eps for dtype in {a.dtype for a in adversarial})
+    rounding = combine_rounding(a.dtype for a in adversarial)
     error = _sum_error(adversarial, segment_ids, num_segments)
     k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=error)
     if clip_norm is not None and not torch.compiler.is_compiling() and device.type == "cpu":
@@ -128,9 +129,7 @@ def _sum_error(adversarial: Sequence[Tensor], segment_ids: Sequence[int], num_se
     sizes = [0] * num_segments
     for a, segment in zip(adversarial, segment_ids, strict=True):
         sizes[segment] += a.numel()
-    # float32 accumulation unless every gradient is float64 (the larger error wins).
-    dtype = torch.float64 if all(a.dtype == torch.float64 for a in adversarial) else torch.float32
-    return sum_error(dtype, max(sizes, default=1))
+    return sum_error(narrowest_accumulation_dtype(a.dtype for a in adversarial), max(sizes, default=1))
 
 
 def exact_clip(
@@ -187,8 +186,8 @@ def exact_clip(
 
 
 def _rescue(adversarial, clean, segment_ids, dots, norms_a, norms_c, to_segments, dot, sq_a, sq_c, scale):
-    acc = accumulation_dtype(adversarial[0].dtype)
-    low = _range_limits(acc)
+    # The float32 limit unless every gradient is float64 (the stricter one wins).
+    low = _range_limits(narrowest_accumulation_dtype(a.dtype for a in adversarial))
     # A segment is in range when every tensor's norms are finite and, unless exactly zero
     # by construction (a missing clean gradient), not below the accurate-square limit.
     nonfinite = ~(dots.isfinite() & norms_a.isfinite() & norms_c.isfinite())
@@ -381,7 +380,7 @@ def reconstruct_compiled(
     device = adversarial[0].device
     per_tensor = num_segments == len(adversarial) and list(segment_ids) == list(range(num_segments))
     ids = None if per_tensor else torch.tensor(list(segment_ids), device=device)
-    rounding = 2.0 * max(torch.finfo(dtype).eps for dtype in {a.dtype for a in adversarial})
+    rounding = combine_rounding(a.dtype for a in adversarial)
     inplace = out is not None and all(o is a for o, a in zip(out, adversarial, strict=True))
     results, stats = _compiled_kernel(  # type: ignore[operator]
         list(adversarial), list(clean), ids, num_segments, clip_norm, rounding,

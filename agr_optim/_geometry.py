@@ -15,6 +15,7 @@ the clipping, need ``s`` back.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,29 @@ class Coefficients(NamedTuple):
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for the element-wise sums: float32 at least ("sums in at least float32")."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def widest_accumulation_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Accumulation dtype for the loop's sums and explicit combine over tensors of several
+    dtypes: float64 if any is float64, so a float64 tensor is never rounded through float32."""
+    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+
+
+def narrowest_accumulation_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The accumulation dtype with the least range and precision among ``dtypes``' (float32
+    unless all are float64): the one that sets the rounding and the range limits."""
+    dtypes = list(dtypes)
+    return torch.float64 if dtypes and all(d == torch.float64 for d in dtypes) else torch.float32
+
+
+def combine_rounding(dtypes: Iterable[torch.dtype]) -> float:
+    """Relative rounding of the combine ``k_a a + k_c c`` before its final rounding.
+
+    bf16/fp16 gradients are combined in float32 and rounded once at the end, so their
+    combine noise is float32's, not their own (which would over-clip by up to a few %); the
+    largest over the tensors present (float32's unless all are float64).
+    """
+    return 2.0 * torch.finfo(narrowest_accumulation_dtype(dtypes)).eps
 
 
 def coefficient_dtype(device: torch.device) -> torch.dtype:

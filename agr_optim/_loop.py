@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import Coefficients, accumulation_dtype, coefficients
+from ._geometry import Coefficients, coefficients, widest_accumulation_dtype
 from ._stats import ReconstructionStats
 
 
@@ -19,7 +19,7 @@ def scaled_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None]) -
     as 0-dim tensors in the accumulation dtype. A non-finite gradient gives ``s = 1``, so the
     sums stay non-finite instead of being divided away.
     """
-    acc = accumulation_dtype(adversarial[0].dtype)
+    acc = widest_accumulation_dtype(a.dtype for a in adversarial)
     device = adversarial[0].device
     magnitudes = [g.detach().abs().amax().to(acc) for g in adversarial if g.numel() > 0]
     magnitudes += [g.detach().abs().amax().to(acc) for g in clean if g is not None and g.numel() > 0]
@@ -45,7 +45,7 @@ def combined(
 
     The norm is taken of ``r/s`` like the sums, so it neither over- nor underflows.
     """
-    acc = accumulation_dtype(adversarial[0].dtype)
+    acc = widest_accumulation_dtype(a.dtype for a in adversarial)
     k_a, k_c, scale = k_a.to(acc), k_c.to(acc), scale.to(acc)
     r_list = []
     sq_r = torch.zeros((), dtype=acc, device=k_a.device)

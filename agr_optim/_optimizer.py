@@ -20,6 +20,12 @@ __all__ = ["AGROptimizer"]
 GRANULARITIES = ("tensor", "group", "global")
 _STATE_KEY = "agr"
 _TRANSIENT = ("_stash", "_stash_kind", "_stash_group")
+#: What a pickle or deepcopy keeps, as torch's Optimizer keeps only its defaults, state and
+#: groups: hooks, a scheduler's patched ``step`` (it holds a weakref to the original) and the
+#: stash are left behind.
+_PICKLED = (
+    "_optimizer", "_initializing", "clip_norm", "start_step", "granularity", "fused", "_step_count", "last_stats"
+)
 
 
 class AGROptimizer(Optimizer):
@@ -170,11 +176,13 @@ class AGROptimizer(Optimizer):
             self._optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+        return {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for key in _TRANSIENT:
+        state = dict(state)
+        for key in (*_TRANSIENT, "last_stats"):
             state.setdefault(key, None)
+        # Optimizer.__setstate__ recreates the hook dictionaries and the step wrapper.
         super().__setstate__(state)
 
     def __repr__(self) -> str:
@@ -231,6 +239,8 @@ class AGROptimizer(Optimizer):
                 )
         stash: dict[Tensor, Tensor | None] = {}
         for p in params:
+            if p in stash:
+                continue  # listed twice (torch warns): its gradient is already stashed
             g = p.grad
             # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
             # would be overwritten by the next backward pass, which writes into the same
@@ -305,7 +315,8 @@ class AGROptimizer(Optimizer):
         grads = [p.grad for group in self._optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self._stash is not None:
             grads += [g for g in self._stash.values() if g is not None]
-        return grads
+        unique = {id(g): g for g in grads}  # a parameter listed twice is unscaled once
+        return list(unique.values())
 
     def _check_stash(self) -> None:
         """A stash whose parameter moved (device, dtype or shape) since it was taken."""
@@ -358,9 +369,13 @@ class AGROptimizer(Optimizer):
         clean: list[Tensor | None] = []
         segment_ids: list[int] = []
         segment = -1
+        seen: set[int] = set()
         for group in self._optimizer.param_groups:
             group_has_grad = False
             for p in group["params"]:
+                if id(p) in seen:
+                    continue  # listed twice: reconstructed once (its .grad is shared)
+                seen.add(id(p))
                 current, stashed = p.grad, stash.get(p)
                 a, c = (current, stashed) if clean_first else (stashed, current)
                 if a is None:

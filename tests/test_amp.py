@@ -253,3 +253,19 @@ def test_autocast_bf16_training_runs_and_matches_float32():
         train(models[1], opts[1], data, scaler)
     diffs = [np.abs((p - q).detach().numpy()).max() for p, q in zip(*(m.parameters() for m in models), strict=True)]
     assert max(diffs) < 2e-2 and opts[1].step_count == 2
+
+
+@pytest.mark.parametrize("unscale_at", [(), (0, 1, 2)])
+def test_scale_of_exactly_one_with_and_without_unscale(unscale_at):
+    """At scale 1 unscaling changes nothing, so the stash sentinel cannot show it ran; the
+    wrapper must not mistake that for an unscale_() before the stash (a scaler that backed off
+    to 1, or init_scale=1, with the clip-by-hand recipe)."""
+    data = batches(3)
+    plain_model, scaled_model = make_model(), make_model()
+    plain_opt, scaled_opt = wrap(plain_model), wrap(scaled_model)
+    train(plain_model, plain_opt, data)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+    train(scaled_model, scaled_opt, data, scaler, unscale_at=unscale_at)
+    for p, q in zip(scaled_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert scaled_opt.step_count == 3

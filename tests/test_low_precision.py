@@ -84,3 +84,59 @@ def test_low_precision_model_trains(dtype):
         bound = u * e.abs() + 64 * a.numel() * 2.0**-24 * (a.double().abs() + c.double().abs()).max()
         assert ((g.double() - e).abs() <= bound).all()
         torch.testing.assert_close(p, (b - g), rtol=0, atol=0)  # lr = 1: p - r, in the dtype
+
+
+def _antiparallel(n: int, cos: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(n, dtype=torch.float64, generator=g)
+    e = torch.randn(n, dtype=torch.float64, generator=g)
+    e = e - (e @ a) / (a @ a) * a
+    e = e / e.norm() * a.norm()
+    return a.to(dtype), (cos * a + (1 - cos * cos) ** 0.5 * e).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("cos", [-0.9, -0.97, -0.99, -0.999])
+def test_low_precision_clip_is_not_overstated(dtype, cos):
+    """bf16/fp16 are combined in float32 and rounded once: the clip's noise floor must be
+    float32's, not the bf16 epsilon (which clipped 18 % too much at cos = -0.999)."""
+    a, c = _antiparallel(1000, cos, dtype)
+    (expected,), _ = reference_agr([a], [c], clip_norm=0.1, segments=[0])
+    for fused in (True, False):
+        (r,) = reconstruct([a], [c], clip_norm=0.1, fused=fused)
+        norm = r.double().norm().item()
+        assert norm == pytest.approx(float(torch.from_numpy(expected).norm()), rel=2 * torch.finfo(dtype).eps)
+
+
+def test_one_low_precision_tensor_leaves_float32_clipping_exact():
+    """The noise floor is per dtype class: a bf16 tensor elsewhere in the model must not change
+    how a float32 tensor is clipped (it moved it by 2e-3 relative)."""
+    a32, c32 = _antiparallel(1000, -0.9, torch.float32)
+    a16, c16 = _antiparallel(10, 0.5, torch.bfloat16)
+    (alone,) = reconstruct([a32], [c32], clip_norm=0.1)
+    mixed, _ = reconstruct([a32, a16], [c32, c16], clip_norm=0.1)
+    torch.testing.assert_close(mixed, alone, rtol=2e-7, atol=0)
+
+
+def test_mixed_float32_and_float64_segment_keeps_float64_exact():
+    """One "global" segment of a float32 and a float64 tensor: the float64 tensor's result is
+    not rounded through float32 (fused and loop), and tiny float32 gradients behind a float64
+    one are still rescued from float32 underflow."""
+    g = torch.Generator().manual_seed(4)
+    # The float32 member is small, so the float32 rounding of its sums (fused path) reaches
+    # the shared coefficients only at ~1e-15: a float64 result off by ~eps_32 |r| (5e-9 here)
+    # can then only come from rounding the float64 member through float32.
+    a = [torch.randn(50, generator=g) * 1e-4, torch.randn(50, dtype=torch.float64, generator=g)]
+    c = [torch.randn(50, generator=g) * 1e-4, torch.randn(50, dtype=torch.float64, generator=g)]
+    (_, expected), _ = reference_agr(a, c, clip_norm=0.5, segments=[0, 0])
+    for fused, tol in ((False, 1e-12), (True, 1e-12)):
+        result = reconstruct(a, c, clip_norm=0.5, granularity="global", fused=fused)
+        assert result[1].dtype == torch.float64
+        assert (result[1] - torch.from_numpy(expected)).abs().max().item() <= tol
+    tiny = [torch.randn(50, dtype=torch.float64, generator=g) * 1e-23, torch.randn(50, generator=g) * 1e-23]
+    tiny_c = [torch.randn(50, dtype=torch.float64, generator=g) * 1e-23, torch.randn(50, generator=g) * 1e-23]
+    expected, _ = reference_agr(tiny, tiny_c, clip_norm=None, segments=[0, 1])
+    for fused in (True, False):
+        result = reconstruct(tiny, tiny_c, fused=fused)
+        err = (result[1].double() - torch.from_numpy(expected[1])).norm() / torch.from_numpy(expected[1]).norm()
+        assert err.item() <= 1e-6

@@ -569,3 +569,50 @@ def test_sparse_gradient_at_step_raises_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
     _assert_state_unchanged(before, model, opt)
+
+
+def test_deepcopy_and_pickle_after_a_scheduler_and_hooks():
+    """A copy steps its own parameters (not the original's through the scheduler's patched
+    step), and pickling works with a scheduler and a lambda hook attached, as for torch's own
+    optimizers: hooks and the patched step are not part of the copy."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), clip_norm=None)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    opt.register_step_post_hook(lambda *args: None)
+    clone = copy.deepcopy(opt)
+    restored = pickle.loads(pickle.dumps(opt))
+    for copied in (clone, restored):
+        params = [p for g in copied.param_groups for p in g["params"]]
+        assert not any(p is q for p, q in zip(params, model.parameters(), strict=True))
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        copied.stash_clean()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        copied.step()
+        assert copied.step_count == 1 and opt.step_count == 0
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        assert not torch.equal(params[0], before[0])
+        assert copied.optimizer.state[params[0]]["momentum_buffer"] is not None
+
+
+def test_parameter_listed_twice_keeps_its_clean_gradient():
+    """torch only warns about a parameter listed twice in a group; its clean gradient must not
+    be lost (stashed as None on the second visit), which would turn the projection into r = a."""
+    import warnings
+
+    w = nn.Parameter(torch.tensor([1.0, 0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = AGROptimizer(torch.optim.SGD([w, w], lr=1.0), clip_norm=None)
+    w.grad = torch.tensor([-1.0, 1.0])  # clean
+    opt.stash_clean()
+    w.grad = torch.tensor([1.0, 0.0])  # adversarial: cos < 0, projected to [0.5, 0.5]
+    opt.step()
+    # SGD steps a duplicated parameter once per listing: w - 2 * r.
+    torch.testing.assert_close(w.detach(), torch.tensor([0.0, -1.0]))
