@@ -82,11 +82,7 @@ def reconstruct(
         >>> reconstruct([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.0])], clip_norm=1.0)
         [tensor([0.6000, 0.8000])]
     """
-    validate_clip_norm(clip_norm)
-    validate_fused(fused)
-    segment_ids, num_segments = _segments(validate_granularity(granularity, GRANULARITIES), len(adversarial))
-    validate_gradients(adversarial, clean)
-    results, _ = _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=None)
+    results, _ = _checked_run(adversarial, clean, clip_norm, granularity, fused, inplace=False)
     return results
 
 
@@ -103,12 +99,26 @@ def reconstruct_(
     Same arguments and checks as :func:`reconstruct`; returns the per-segment
     :class:`~agr_optim.ReconstructionStats` instead of new tensors.
     """
+    _, stats = _checked_run(adversarial, clean, clip_norm, granularity, fused, inplace=True)
+    return stats
+
+
+def _checked_run(
+    adversarial: Sequence[Tensor],
+    clean: Sequence[Tensor | None],
+    clip_norm: float | None,
+    granularity: str,
+    fused: bool | str,
+    *,
+    inplace: bool,
+) -> tuple[list[Tensor], ReconstructionStats]:
+    """Validate the public arguments (all of them, before anything changes), then run."""
     validate_clip_norm(clip_norm)
     validate_fused(fused)
     segment_ids, num_segments = _segments(validate_granularity(granularity, GRANULARITIES), len(adversarial))
     validate_gradients(adversarial, clean)
-    _, stats = _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=adversarial)
-    return stats
+    out = adversarial if inplace else None
+    return _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=out)
 
 
 def _run(
