@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._distributed import reconstruct_dtensor, validate_dtensors
+from ._distributed import is_dtensor, reconstruct_dtensor, validate_dtensors
 from ._fused import reconstruct_compiled, reconstruct_fused
 from ._loop import _empty_stats, reconstruct_loop
 from ._stats import ReconstructionStats
@@ -134,7 +134,8 @@ def _run(
     if len(adversarial) == 0:
         return [], _empty_stats(adversarial)
     with torch.no_grad():
-        if validate_dtensors(adversarial, clean):
+        # Validation (every caller's) made DTensors all-or-none: the first one tells.
+        if is_dtensor(adversarial[0]):
             # Sharded gradients: global sums from local shards (see _distributed.py).
             return reconstruct_dtensor(
                 adversarial,
