@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,10 +84,75 @@ def sum_error(dtype: torch.dtype, numel: int) -> float:
     return 4.0 * torch.finfo(accumulation_dtype(dtype)).eps * math.sqrt(max(numel, 1))
 
 
-def ill_conditioned(stats: ReconstructionStats) -> Tensor:
-    """``[S]`` mask of the projected segments whose closed-form norm is ill-conditioned."""
-    cosine = stats.cosine
-    return stats.projected & ((1.0 - cosine) * (1.0 + cosine) < ILL_CONDITIONED)
+class TensorOps:
+    """The element-wise operations of :func:`rule` on ``[S]`` tensors (no host reads)."""
+
+    where = staticmethod(torch.where)
+    sqrt = staticmethod(torch.sqrt)
+    isnan = staticmethod(torch.isnan)
+    clamp = staticmethod(torch.clamp)
+    ones_like = staticmethod(torch.ones_like)
+
+    @staticmethod
+    def rdiv(x: float, y: Tensor) -> Tensor:
+        """``x / y`` rounded once (``float / tensor`` in torch is ``reciprocal`` times ``x``)."""
+        return torch.full_like(y, x) / y
+
+
+class FloatOps:
+    """The same operations on Python floats (IEEE float64, like the tensors' float64 maths).
+
+    Where a CPU caller holds the sums as floats anyway, :func:`rule` costs microseconds per
+    segment this way instead of a few dozen tensor dispatches. Both branches of ``where`` are
+    evaluated, as with tensors, so every division in :func:`rule` is guarded: a float division
+    by zero would raise.
+    """
+
+    @staticmethod
+    def where(condition: bool, x: float, y: float) -> float:
+        return x if condition else y
+
+    @staticmethod
+    def sqrt(x: float) -> float:
+        return math.sqrt(x) if x >= 0.0 else math.nan  # torch.sqrt: NaN below 0, -0.0 kept
+
+    isnan = staticmethod(math.isnan)
+
+    @staticmethod
+    def clamp(x: float, min: float | None = None, max: float | None = None) -> float:  # noqa: A002
+        if math.isnan(x):
+            return x
+        if min is not None and x < min:
+            x = min
+        if max is not None and x > max:
+            x = max
+        return x
+
+    @staticmethod
+    def ones_like(x: float) -> float:
+        return 1.0
+
+    @staticmethod
+    def rdiv(x: float, y: float) -> float:
+        return x / y
+
+
+class Rule(NamedTuple):
+    """What :func:`rule` gives per segment (tensors or floats, as its inputs were)."""
+
+    adversarial: Any  # k_a, clipping included
+    clean: Any  # k_c, clipping included
+    cosine: Any
+    projected: Any
+    norm_adversarial: Any
+    norm_clean: Any
+    norm_reconstructed: Any
+    clip_scale: Any
+
+
+def ill_conditioned(cosine: Any, projected: Any) -> Any:
+    """Projected segments whose closed-form norm is ill-conditioned (:data:`ILL_CONDITIONED`)."""
+    return projected & ((1.0 - cosine) * (1.0 + cosine) < ILL_CONDITIONED)
 
 
 def coefficients(
@@ -125,54 +190,89 @@ def coefficients(
             so the clipped result stays within ``clip_norm`` even where the closed form has
             lost its digits (it may then clip more than the exact rule would). Callers that can
             afford a host read redo those segments' clipping exactly instead (the fused path
-            on CPU does, see ``_fused.exact_clip``).
+            on CPU does: :func:`rule` with ``exact_norm``).
 
     Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
+    The rule itself is :func:`rule`; this is its tensor form.
     """
     dtype = coefficient_dtype(dot.device)
     dot, sq_a, sq_c = dot.to(dtype), sq_adversarial.to(dtype), sq_clean.to(dtype)
-    norm_a, norm_c = sq_a.sqrt(), sq_c.sqrt()
+    scale = None if scale is None else scale.to(dtype)
+    r = rule(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=sum_error,
+             ops=TensorOps)
+    stats = ReconstructionStats(
+        cosine=r.cosine,
+        projected=r.projected,
+        norm_adversarial=r.norm_adversarial,
+        norm_clean=r.norm_clean,
+        norm_reconstructed=r.norm_reconstructed,
+        clip_scale=r.clip_scale,
+    )
+    return Coefficients(r.adversarial, r.clean, stats)
+
+
+def rule(
+    dot: Any,
+    sq_a: Any,
+    sq_c: Any,
+    *,
+    scale: Any = None,
+    clip_norm: float | None,
+    rounding: float = 0.0,
+    sum_error: float = 0.0,
+    exact_norm: Any = None,
+    ops: type = TensorOps,
+) -> Rule:
+    r"""The AGR rule of :func:`coefficients`, on ``[S]`` tensors (``ops=TensorOps``) or on one
+    segment's Python floats (``ops=FloatOps``): the same operations in the same order, so
+    float64 tensors and floats agree to float64 rounding (an ulp where torch's ``sqrt``
+    rounds otherwise than ``math.sqrt``).
+
+    ``exact_norm``, when given, is :math:`\lVert r\rVert` measured on the explicit ``r`` of
+    an ill-conditioned segment (before clipping, ``scale`` included): the clipping then uses it instead
+    of the closed form, without the ``sum_error`` allowance.
+    """
+    norm_a, norm_c = ops.sqrt(sq_a), ops.sqrt(sq_c)
     denominator = norm_a * norm_c
     # The zero policy, in one place: a zero gradient has cosine 0, and a projection onto a
     # zero clean gradient is the identity. `where` keeps NaN flowing (NaN > 0 is False, but
     # then `dot` is NaN too and reaches k_c below).
     nonzero = denominator > 0
-    cosine = torch.where(nonzero, dot / torch.where(nonzero, denominator, 1.0), 0.0)
-    cosine = torch.where(cosine.isnan(), cosine, cosine.clamp(-1.0, 1.0))
+    cosine = ops.where(nonzero, dot / ops.where(nonzero, denominator, 1.0), 0.0)
+    cosine = ops.where(ops.isnan(cosine), cosine, ops.clamp(cosine, -1.0, 1.0))
     projected = cosine <= 0
     clean_nonzero = sq_c > 0
-    projection = torch.where(clean_nonzero, -dot / torch.where(clean_nonzero, sq_c, 1.0), 0.0)
-    projection = torch.where(dot.isnan(), dot, projection)
-    k_a = torch.where(projected, 1.0, 1.0 - cosine)
-    k_c = torch.where(projected, projection, cosine)
+    projection = ops.where(clean_nonzero, -dot / ops.where(clean_nonzero, sq_c, 1.0), 0.0)
+    projection = ops.where(ops.isnan(dot), dot, projection)
+    k_a = ops.where(projected, 1.0, 1.0 - cosine)
+    k_c = ops.where(projected, projection, cosine)
 
     one_minus = 1.0 - cosine
-    sq_r = torch.where(
-        projected,
-        sq_a * one_minus * (1.0 + cosine),
-        one_minus * one_minus * sq_a + 2.0 * cosine * one_minus * dot + cosine * cosine * sq_c,
-    ).clamp_min(0.0)
-    norm_r = sq_r.sqrt()
-    if scale is not None:
-        scale = scale.to(dtype)
-        norm_a, norm_c, norm_r = norm_a * scale, norm_c * scale, norm_r * scale
-    if clip_norm is None:
-        clip_scale = torch.ones_like(norm_r)
-    else:
-        noise = rounding * (k_a.abs() * norm_a + k_c.abs() * norm_c)
-        ill = projected & (one_minus * (1.0 + cosine) < ILL_CONDITIONED)
-        doubt = torch.where(ill, (4.0 * sum_error) * norm_a * norm_a, 0.0)
-        bound = torch.sqrt(norm_r * norm_r + doubt + noise * noise)
-        # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
-        clip_scale = torch.where(bound > 0, clip_norm / torch.where(bound > 0, bound, 1.0), 1.0)
-        clip_scale = torch.where(clip_scale.isnan(), clip_scale, clip_scale.clamp(max=1.0))
-        clip_scale = torch.where(norm_r.isnan(), norm_r, clip_scale)
-    stats = ReconstructionStats(
-        cosine=cosine,
-        projected=projected,
-        norm_adversarial=norm_a,
-        norm_clean=norm_c,
-        norm_reconstructed=norm_r,
-        clip_scale=clip_scale,
+    sq_r = ops.clamp(
+        ops.where(
+            projected,
+            sq_a * one_minus * (1.0 + cosine),
+            one_minus * one_minus * sq_a + 2.0 * cosine * one_minus * dot + cosine * cosine * sq_c,
+        ),
+        min=0.0,
     )
-    return Coefficients(k_a * clip_scale, k_c * clip_scale, stats)
+    norm_r = ops.sqrt(sq_r)
+    if scale is not None:
+        norm_a, norm_c, norm_r = norm_a * scale, norm_c * scale, norm_r * scale
+    if exact_norm is not None:
+        norm_r = exact_norm
+    if clip_norm is None:
+        clip_scale = ops.ones_like(norm_r)
+    else:
+        noise = rounding * (abs(k_a) * norm_a + abs(k_c) * norm_c)
+        if exact_norm is None:
+            ill = ill_conditioned(cosine, projected)
+            doubt = ops.where(ill, (4.0 * sum_error) * norm_a * norm_a, 0.0)
+        else:
+            doubt = 0.0
+        bound = ops.sqrt(norm_r * norm_r + doubt + noise * noise)
+        # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
+        clip_scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
+        clip_scale = ops.where(ops.isnan(clip_scale), clip_scale, ops.clamp(clip_scale, max=1.0))
+        clip_scale = ops.where(ops.isnan(norm_r), norm_r, clip_scale)
+    return Rule(k_a * clip_scale, k_c * clip_scale, cosine, projected, norm_a, norm_c, norm_r, clip_scale)

@@ -56,8 +56,9 @@ def reconstruct(
         clip_norm: clip each segment's result to this norm (> 0); ``None`` for no clipping.
         granularity: ``"tensor"`` (each tensor a segment, the paper's choice) or ``"global"``
             (all tensors one segment).
-        fused: ``True`` for the flattened implementation (one reduction pass for all three
-            sums of every segment, one combine pass); ``False`` for the plain per-segment loop
+        fused: ``True`` for the fused implementation (three sums per tensor in one cache-hot
+            visit, multi-tensor combine; on CPU block by block so that the combine finds the
+            gradients still in the cache); ``False`` for the plain per-segment loop
             that states the math. Both give the same result up to rounding. ``"compile"``
             (opt-in): the fused path through ``torch.compile``, one pass per tensor for the
             sums and one for the combine; the first call compiles (tens of seconds on CPU),

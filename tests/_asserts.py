@@ -200,8 +200,10 @@ def assert_between(r: np.ndarray, a: np.ndarray, c: np.ndarray, delta: float) ->
     scale = _norm(a) + _norm(c)
     ca = c - a
     gap = _norm(ca)
-    if gap <= 8 * delta * scale:  # a == c (up to rounding): the segment is a point
-        assert _norm(r - a) <= 4 * delta * scale, f"|r - a| = {_norm(r - a):.3e} with a == c"
+    if gap <= 8 * delta * scale:  # a == c up to rounding: r near the (short) segment itself
+        t = min(max(_dot(r - a, ca) / (gap * gap), 0.0), 1.0) if gap > 0 else 0.0
+        distance = _norm(r - a - t * ca)
+        assert distance <= 4 * delta * scale, f"r is {distance:.3e} from the segment [a, c] with a == c"
         return
     t = _dot(r - a, ca) / (gap * gap)
     residual = _norm(r - a - t * ca)
