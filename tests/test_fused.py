@@ -85,9 +85,10 @@ def test_blocks_cover_whole_segments_in_order():
 def test_several_real_blocks_equal_loop():
     """Blocks at the real ``_BLOCK`` (a tensor bigger than a block alone, smaller ones grouped,
     tensors cut into several combine chunks), per tensor and as one segment, against the loop."""
-    shapes = [(_BLOCK + 5,), (300, 300), (7,), (3 * _CHUNK // 2,), (64, 64, 3, 3)] * 2
+    shapes = [(_BLOCK + 5,), (_BLOCK // 4,), (7,), (_BLOCK,), (64, 64, 3, 3)] * 2
     a, c = _pairs(shapes, torch.float32, ["contiguous"] * len(shapes))
-    assert _blocks(a, list(range(len(a)))) == [(0, 1), (1, 6), (6, 10)]
+    assert _blocks(a, list(range(len(a)))) == [(0, 1), (1, 4), (4, 6), (6, 9), (9, 10)]
+    assert max(x.numel() for x in a) > _CHUNK  # and a tensor cut into several combine chunks
     for granularity in ("tensor", "global"):
         want = reconstruct(a, c, clip_norm=1.0, granularity=granularity, fused=False)
         got = [x.clone() for x in a]
