@@ -36,7 +36,7 @@ def test_quick_benchmark_runs_every_row(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "floor" in done.stdout and "x floor" in done.stdout
     report = json.loads(out.read_text())
-    assert report["schema_version"] == 1 and report["quick"] is True
+    assert report["schema_version"] == 2 and report["quick"] is True
     assert {"torch", "python", "machine", "threads", "results"} <= set(report)
     assert report["results"], "no model was run"
     for result in report["results"]:
@@ -48,9 +48,13 @@ def test_quick_benchmark_runs_every_row(tmp_path):
             prefix = "pytorch_optimizer_pcgrad" if peer == "pytorch_optimizer" else "torchjd_pcgrad"
             assert status.startswith("skipped") or any(n.startswith(prefix) for n in names), (peer, status)
         for row in result["rows"]:
-            assert {"name", "kind", "ms", "ratio_to_floor", "samples", "note"} <= set(row)
+            assert {"name", "kind", "ms", "ratio_to_floor", "ratio_quartiles", "samples", "note"} <= set(row)
             assert row["samples"] == result["repeats"], row
             assert math.isfinite(row["ms"]) and math.isfinite(row["ratio_to_floor"]), row
+            low, high = row["ratio_quartiles"]
+            assert low <= high, row
+            if row["name"] == "floor":
+                assert row["ratio_to_floor"] == 1.0, row
             if row["kind"] == "time":
                 assert row["ms"] > 0, row
         for target in result["targets"].values():
