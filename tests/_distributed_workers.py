@@ -87,10 +87,15 @@ def assert_close(params, expected, what: str, tol: float = TOL) -> None:
 
 
 def run(rank: int, port: int, check: Callable[[int, str], None], tmpdir: str) -> None:
+    """One rank: the check, then a marker file saying that it passed (written before the
+    teardown, so that the parent can tell a failed check from a crash in gloo's teardown)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         check(rank, tmpdir)
+        dist.barrier()  # passed by every rank only once every rank's check has passed
+        with open(os.path.join(tmpdir, f"passed.{rank}"), "w") as f:
+            f.write("passed\n")
     finally:
         dist.destroy_process_group()
 
