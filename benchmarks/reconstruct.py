@@ -355,6 +355,56 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+#: Rows of the docs' tables (docs/benchmarks.rst), in order, with their labels there.
+RST_ROWS = [
+    ("floor", "floor: ``dot`` + ``add(out=)``"),
+    ("sgd_step", "plain SGD ``zero_grad()`` + ``step()``"),
+    ("agr_overhead_fused", "**AGR fused overhead** (step minus SGD)"),
+    ("agr_overhead_compiled", "**AGR compiled overhead**"),
+    ("agr_overhead_loop", "AGR loop overhead"),
+    ("reconstruct_fused", "``reconstruct(fused=True)``"),
+    ("reconstruct_loop", "``reconstruct(fused=False)``"),
+    ("reconstruct_inplace_fused", "``reconstruct_(fused=True)``"),
+    ("reconstruct_inplace_compiled", '``reconstruct_(fused="compile")``'),
+    ("per_layer_reference", "per-layer reference (lean)"),
+    ("paper_script_reference", "per-layer reference (as the script)"),
+    ("pytorch_optimizer_pcgrad_overhead", "pytorch-optimizer ``PCGrad`` overhead"),
+    ("torchjd_pcgrad_aggregate", "TorchJD ``PCGrad`` aggregation only"),
+    ("agr_fused_step", "AGR(SGD) fused, whole step"),
+    ("agr_compiled_step", 'AGR(SGD) ``fused="compile"``, whole step'),
+    ("agr_loop_step", "AGR(SGD) loop, whole step"),
+    ("pytorch_optimizer_pcgrad_step", "pytorch-optimizer ``PCGrad``, whole step"),
+]
+
+
+def format_rst(result: dict) -> str:
+    """The docs' list-tables for one model's result (``--rst``)."""
+    rows = {row["name"]: row for row in result["rows"]}
+    lines = [f"{result['description']}: {result['num_tensors']} tensors, {result['num_elements'] / 1e6:.2f}M "
+             f"float32 elements, median of {result['repeats']} repeats.", "",
+             ".. list-table::", "   :header-rows: 1", "   :widths: 50 12 12 16", "",
+             "   * - row", "     - ms", "     - x floor", "     - quartiles"]
+    for name, label in RST_ROWS:
+        if name in rows:
+            row = rows[name]
+            low, high = row["ratio_quartiles"]
+            lines += [f"   * - {label}", f"     - {row['ms']:.1f}", f"     - {row['ratio_to_floor']:.2f}",
+                      f"     - {low:.2f}-{high:.2f}"]
+    memory = result.get("memory")
+    if memory:
+        lines += ["", f"Peak RSS (fresh processes, {memory['steps']} training steps at batch {memory['batch']}; "
+                  f"parameters {memory['param_bytes'] / 2**20:.1f} MiB):", "",
+                  ".. list-table::", "   :header-rows: 1", "   :widths: 40 15 15 15", "",
+                  "   * - variant", "     - peak MiB", "     - extra MiB", "     - extra / parameters"]
+        for variant, row in memory["variants"].items():
+            lines += [f"   * - {variant}", f"     - {row['peak_rss_bytes'] / 2**20:.0f}",
+                      f"     - {row['extra_over_plain_bytes'] / 2**20:.1f}",
+                      f"     - {row['extra_over_plain_ratio_to_params']:.2f}"]
+    if result.get("compile_s") is not None:
+        lines += ["", f"First compile of the ``\"compile\"`` path: {result['compile_s']:.1f} s."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="AGR reconstruction benchmarks (see docs/benchmarks.rst)")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
@@ -364,7 +414,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement")
     parser.add_argument("--no-peers", action="store_true", help="skip pytorch-optimizer and TorchJD")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled path")
+    parser.add_argument("--rst", metavar="JSON", help="print the docs' tables of a saved run, and run nothing")
     args = parser.parse_args(argv)
+    if args.rst:
+        with open(args.rst) as f:
+            report = json.load(f)
+        print("\n\n".join(format_rst(result) for result in report["results"]))
+        return report
     if not args.no_compile and not args.quick and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # A fresh inductor cache: the compile time reported is a first compile, not a cache hit.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="agr_bench_inductor_")

@@ -64,6 +64,13 @@ def test_quick_benchmark_runs_every_row(tmp_path):
         for variant, row in memory["variants"].items():
             assert row["peak_rss_bytes"] > 0, variant
             assert math.isfinite(row["extra_over_plain_ratio_to_params"])
+    # The docs' tables come from a saved run: every row of the run that the docs show, in RST.
+    rst = subprocess.run([sys.executable, "-m", "benchmarks.reconstruct", "--rst", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert rst.returncode == 0, rst.stderr[-3000:]
+    overhead = next(r for r in report["results"][0]["rows"] if r["name"] == "agr_overhead_fused")
+    assert ".. list-table::" in rst.stdout and "**AGR fused overhead**" in rst.stdout
+    assert f"     - {overhead['ratio_to_floor']:.2f}" in rst.stdout
 
 
 def test_shapes_match_the_architectures(monkeypatch):
