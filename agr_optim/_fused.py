@@ -162,7 +162,8 @@ def _host_blocks(
     also makes two exact repairs free whenever they are needed:
 
     - range: a segment whose squares leave float32's accurate range (norms above about
-      1e19 or below about 1e-12) has its sums redone exactly, scaled by its largest entry;
+      1e19 or below about 1e-12), or whose summed squares overflow, has its sums redone,
+      scaled by its largest entry and accumulated in float64;
     - clipping: an ill-conditioned projected segment (cosine below about -0.97) is clipped
       by the norm of its explicit ``r``, not by the closed form, which has lost its digits.
     """
@@ -174,20 +175,24 @@ def _host_blocks(
     for start, stop in _blocks(adversarial, segment_ids):
         adv, cln = adversarial[start:stop], clean[start:stop]
         sums_of = torch.stack(_tensor_sums(adv, cln)).tolist()  # |a|^2, <a,c>, |c|^2 per tensor
-        k_a: list[float] = []
-        k_c: list[float] = []
-        first = start
-        while first < stop:
-            last = first + 1
-            while last < stop and segment_ids[last] == segment_ids[first]:
-                last += 1
-            i, j = 3 * (first - start), 3 * (last - start)
-            sq_a, dot, sq_c = sum(sums_of[i:j:3]), sum(sums_of[i + 1 : j : 3]), sum(sums_of[i + 2 : j : 3])
+        members_of: dict[int, list[int]] = {}  # segment -> its tensors' indices in the block
+        for m in range(stop - start):
+            members_of.setdefault(segment_ids[start + m], []).append(m)
+        k_a = [0.0] * (stop - start)
+        k_c = [0.0] * (stop - start)
+        for segment in sorted(members_of):
+            members = members_of[segment]
+            sq_a = sum(sums_of[3 * m] for m in members)
+            dot = sum(sums_of[3 * m + 1] for m in members)
+            sq_c = sum(sums_of[3 * m + 2] for m in members)
             scale = 1.0
-            members = range(first - start, last - start)
-            if any(_out_of_range(*sums_of[3 * m : 3 * m + 3], low, adv[m], cln[m]) for m in members):
+            # Each tensor's sums in range, and their totals too (float64 ones can overflow).
+            if not (math.isfinite(sq_a) and math.isfinite(dot) and math.isfinite(sq_c)) or any(
+                _out_of_range(*sums_of[3 * m : 3 * m + 3], low, adv[m], cln[m]) for m in members
+            ):
                 dot, sq_a, sq_c, scale = (
-                    t.item() for t in scaled_sums([adv[m] for m in members], [cln[m] for m in members])
+                    t.item()
+                    for t in scaled_sums([adv[m] for m in members], [cln[m] for m in members], acc=torch.float64)
                 )
             r = rule(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=error,
                      ops=FloatOps)
@@ -201,9 +206,8 @@ def _host_blocks(
                          exact_norm=norm.item(), ops=FloatOps)
             for field, value in zip(fields, r, strict=True):
                 field.append(value)
-            k_a += [r.adversarial] * len(members)
-            k_c += [r.clean] * len(members)
-            first = last
+            for m in members:
+                k_a[m], k_c[m] = r.adversarial, r.clean
         results += _combine(adv, cln, k_a, k_c, None if out is None else out[start:stop])
     as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
     stats = ReconstructionStats(
@@ -309,7 +313,10 @@ def _combine(
     for i in range(n):
         if adversarial[i].dtype in _LOW_PRECISION:
             # One rounding to bf16/fp16: combine in float32, round once at the end.
-            ka, kc = (torch.as_tensor(k[i], dtype=torch.float64).float() for k in (k_a, k_c))
+            # float32 coefficients (one rounding from the float64 ones, or the floats); a device
+            # tensor is not taken through float64, which MPS does not have.
+            ka, kc = (k[i].float() if isinstance(k, Tensor) else torch.tensor(k[i], dtype=torch.float32)
+                      for k in (k_a, k_c))
             r = adversarial[i].float() * ka
             c = clean[i]
             if c is not None:

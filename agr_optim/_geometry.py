@@ -235,10 +235,11 @@ def rule(
     norm_a, norm_c = ops.sqrt(sq_a), ops.sqrt(sq_c)
     denominator = norm_a * norm_c
     # The zero policy, in one place: a zero gradient has cosine 0, and a projection onto a
-    # zero clean gradient is the identity. `where` keeps NaN flowing (NaN > 0 is False, but
-    # then `dot` is NaN too and reaches k_c below).
+    # zero clean gradient is the identity. NaN keeps flowing: NaN > 0 is False, so a NaN norm
+    # is put back explicitly (its tensor may have no clean partner, leaving `dot` finite).
     nonzero = denominator > 0
     cosine = ops.where(nonzero, dot / ops.where(nonzero, denominator, 1.0), 0.0)
+    cosine = ops.where(ops.isnan(denominator), denominator, cosine)
     cosine = ops.where(ops.isnan(cosine), cosine, ops.clamp(cosine, -1.0, 1.0))
     projected = cosine <= 0
     clean_nonzero = sq_c > 0

@@ -11,15 +11,21 @@ from ._geometry import Coefficients, coefficients, widest_accumulation_dtype
 from ._stats import ReconstructionStats
 
 
-def scaled_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+def scaled_sums(
+    adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], acc: torch.dtype | None = None
+) -> tuple[Tensor, ...]:
     """``<a,c>``, ``|a|^2``, ``|c|^2`` of one segment, taken of ``a/s`` and ``c/s``.
 
-    ``s`` is the largest magnitude in the segment, so no square over- or underflows whatever
-    the gradients' scale (1e-30 and 1e30 alike in float32). Returns ``(dot, sq_a, sq_c, s)``
-    as 0-dim tensors in the accumulation dtype. A non-finite gradient gives ``s = 1``, so the
-    sums stay non-finite instead of being divided away.
+    ``s`` is the largest magnitude in the segment, so no square overflows whatever the
+    gradients' scale (1e-30 and 1e30 alike in float32), and the largest squares are of order
+    one. Squares of entries far below ``s`` can still underflow in float32: a ``c`` below about
+    ``1e-19 |a|`` counts as zero there; ``acc=torch.float64`` (what the fused path's range
+    rescue uses) takes float32 gradients' sums in float64, where they cannot. Returns
+    ``(dot, sq_a, sq_c, s)`` as 0-dim tensors in the accumulation dtype (``acc``, by default
+    float64 if any gradient is float64, else float32). A non-finite gradient gives ``s = 1``,
+    so the sums stay non-finite instead of being divided away.
     """
-    acc = widest_accumulation_dtype(a.dtype for a in adversarial)
+    acc = acc or widest_accumulation_dtype(a.dtype for a in adversarial)
     device = adversarial[0].device
     magnitudes = [g.detach().abs().amax().to(acc) for g in adversarial if g.numel() > 0]
     magnitudes += [g.detach().abs().amax().to(acc) for g in clean if g is not None and g.numel() > 0]
@@ -84,6 +90,7 @@ def reconstruct_loop(
         else:
             clip = torch.where(norm_r > 0, clip_norm / torch.where(norm_r > 0, norm_r, 1.0), 1.0)
             clip = torch.where(clip.isnan(), clip, clip.clamp(max=1.0))
+            clip = torch.where(norm_r.isnan(), norm_r, clip)  # a NaN norm is never clipped to 1
         for i, r in zip(indices, r_list, strict=True):
             results[i] = (r * clip).to(adversarial[i].dtype)
         parts.append(

@@ -561,3 +561,63 @@ def test_bad_input_names_the_problem_and_changes_nothing(function, make, message
     for b, x in zip(before_c, clean if seq else [clean], strict=True):
         if x.device.type != "meta":
             assert torch.equal(b.to_dense(), x.to_dense()), "clean changed"
+
+
+# --------------------------------------------------------------------------- found in review
+def _run_as(fused, adversarial, clean, segment_ids, clip_norm):
+    """``functional._run`` with explicit segment ids (what the optimizer passes)."""
+    with _as(fused):
+        return _functional._run(adversarial, clean, segment_ids, max(segment_ids) + 1, clip_norm,
+                                fused is not False, out=None)
+
+
+@IMPLEMENTATIONS
+def test_segments_whose_tensors_are_not_adjacent(fused: bool | str) -> None:
+    """Segment ids like ``[0, 1, 0]``: a segment is all its tensors, wherever they sit."""
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(4, generator=g) for _ in range(3)]
+    c = [torch.randn(4, generator=g) for _ in range(3)]
+    results, stats = _run_as(fused, a, c, [0, 1, 0], 0.5)
+    r_ref, refs = reference_agr(a, c, clip_norm=0.5, segments=[0, 1, 0])
+    assert stats.num_segments == 2
+    for s, ref in enumerate(refs):
+        assert stats.cosine[s].item() == pytest.approx(ref.cosine, abs=1e-6)
+    for r, expected in zip(results, r_ref, strict=True):
+        np.testing.assert_allclose(r.double().numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+def test_float64_segment_sums_that_overflow_only_summed(fused: bool) -> None:
+    """Each tensor's float64 squares are finite (1.4e308), their sum over the segment is not:
+    the CPU path redoes the segment scaled, like the loop."""
+    f64 = dict(dtype=torch.float64)
+    a = [torch.tensor([1.2e154], **f64), torch.tensor([1.2e154], **f64)]
+    c = [torch.tensor([1e154], **f64), torch.tensor([-0.5e154], **f64)]
+    result = reconstruct(a, c, clip_norm=1.0, granularity="global", fused=fused)
+    r_ref, _ = reference_agr([x / 1e154 for x in a], [y / 1e154 for y in c], clip_norm=1.0, segments=[0, 0])
+    for r, expected in zip(result, r_ref, strict=True):  # clipped to norm 1: the scale drops out
+        np.testing.assert_allclose(r.numpy(), expected, rtol=1e-12)
+
+
+@IMPLEMENTATIONS
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_nan_in_a_tensor_without_clean_partner_spoils_its_whole_segment(fused: bool | str, clip_norm) -> None:
+    """The NaN's tensor has no clean gradient, so ``<a, c>`` stays finite: the NaN norm alone
+    must make the cosine NaN (the zero policy must not read a NaN norm as a zero one)."""
+    a = [torch.tensor([math.nan, 1.0]), torch.tensor([3.0, 4.0])]
+    c = [None, torch.tensor([1.0, 0.0])]
+    result = reconstruct(a, c, clip_norm=clip_norm, granularity="global", fused=fused)
+    for r in result:
+        assert bool(r.isnan().all()), result
+
+
+def test_clean_far_below_adversarial_in_float32() -> None:
+    """``|c| / |a|`` about 1e-30: float32 squares of ``c / max|a|`` underflow to 0. The CPU
+    fused path's rescue sums in float64 and keeps ``c``'s direction. (The loop sums in
+    float32 and takes such a ``c`` as zero: the limit stated in ``scaled_sums``.)"""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(64, generator=g)]
+    c = [torch.randn(64, generator=g) * 1e-30]
+    (r,) = reconstruct(a, c, fused=True)
+    (expected,), _ = reference_agr(a, c, clip_norm=None, segments=[0])
+    assert np.linalg.norm(r.double().numpy() - expected) <= 1e-6 * np.linalg.norm(expected)
