@@ -93,6 +93,8 @@ class TensorOps:
     clamp = staticmethod(torch.clamp)
     ones_like = staticmethod(torch.ones_like)
 
+    hypot = staticmethod(torch.hypot)
+
     @staticmethod
     def rdiv(x: float, y: Tensor) -> Tensor:
         """``x / y`` rounded once (``float / tensor`` in torch is ``reciprocal`` times ``x``)."""
@@ -117,6 +119,7 @@ class FloatOps:
         return math.sqrt(x) if x >= 0.0 else math.nan  # torch.sqrt: NaN below 0, -0.0 kept
 
     isnan = staticmethod(math.isnan)
+    hypot = staticmethod(math.hypot)
 
     @staticmethod
     def clamp(x: float, min: float | None = None, max: float | None = None) -> float:  # noqa: A002
@@ -266,12 +269,13 @@ def rule(
         clip_scale = ops.ones_like(norm_r)
     else:
         noise = rounding * (abs(k_a) * norm_a + abs(k_c) * norm_c)
+        # sqrt(|r|^2 + doubt^2 + noise^2) by hypot, never squaring a norm: the squares of
+        # float64 norms above about 1e154 would overflow and clip the segment to zero.
         if exact_norm is None:
-            ill = ill_conditioned(cosine, projected)
-            doubt = ops.where(ill, (4.0 * sum_error) * norm_a * norm_a, 0.0)
+            doubt = ops.where(ill_conditioned(cosine, projected), (2.0 * math.sqrt(sum_error)) * norm_a, 0.0)
+            bound = ops.hypot(ops.hypot(norm_r, doubt), noise)
         else:
-            doubt = 0.0
-        bound = ops.sqrt(norm_r * norm_r + doubt + noise * noise)
+            bound = ops.hypot(norm_r, noise)
         # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
         clip_scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
         clip_scale = ops.where(ops.isnan(clip_scale), clip_scale, ops.clamp(clip_scale, max=1.0))
