@@ -222,11 +222,10 @@ def _host_blocks(
 
 
 def _out_of_range(sq_a: float, dot: float, sq_c: float, low: float, a: Tensor, c: Tensor | None) -> bool:
-    """Whether a tensor's float32 (or float64) sums may be inexact: non-finite, or squares so
-    small that they fell among the subnormals or to zero (a zero square is checked against the
-    tensor itself: an all-zero gradient is exact, a tiny non-zero one underflowed)."""
-    if not (math.isfinite(dot) and math.isfinite(sq_a) and math.isfinite(sq_c)):
-        return True
+    """Whether a tensor's finite float32 (or float64) sums may be inexact: squares so small that
+    they fell among the subnormals or to zero (a zero square is checked against the tensor
+    itself: an all-zero gradient is exact, a tiny non-zero one underflowed). Non-finite sums
+    are caught on the segment's totals, which any non-finite term makes non-finite."""
     low_sq = low * low
     if 0.0 < sq_a < low_sq or 0.0 < sq_c < low_sq or 0.0 < sq_a * sq_c < low_sq * low_sq:
         return True

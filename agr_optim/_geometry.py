@@ -276,8 +276,13 @@ def rule(
             bound = ops.hypot(ops.hypot(norm_r, doubt), noise)
         else:
             bound = ops.hypot(norm_r, noise)
-        # min(1, clip/|r|), with |r| = 0 -> 1; NaN stays NaN.
-        clip_scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
-        clip_scale = ops.where(ops.isnan(clip_scale), clip_scale, ops.clamp(clip_scale, max=1.0))
-        clip_scale = ops.where(ops.isnan(norm_r), norm_r, clip_scale)
+        clip_scale = clip_scale_of(bound, norm_r, clip_norm, ops)
     return Rule(k_a * clip_scale, k_c * clip_scale, cosine, projected, norm_a, norm_c, norm_r, clip_scale)
+
+
+def clip_scale_of(bound: Any, norm_r: Any, clip_norm: float, ops: type = TensorOps) -> Any:
+    """``min(1, clip_norm / bound)``, 1 where ``bound`` is 0, NaN where ``norm_r`` is NaN (a
+    NaN norm is never clipped to 1). The loop calls it with ``bound = norm_r``, its exact norm."""
+    scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
+    scale = ops.where(ops.isnan(scale), scale, ops.clamp(scale, max=1.0))
+    return ops.where(ops.isnan(norm_r), norm_r, scale)

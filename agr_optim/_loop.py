@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import Coefficients, coefficients, widest_accumulation_dtype
+from ._geometry import Coefficients, clip_scale_of, coefficients, widest_accumulation_dtype
 from ._stats import ReconstructionStats
 
 
@@ -85,12 +85,7 @@ def reconstruct_loop(
         dot, sq_a, sq_c, scale = scaled_sums(a_list, c_list)
         k = coefficients(dot[None], sq_a[None], sq_c[None], scale=scale[None], clip_norm=None)
         r_list, norm_r = combined(a_list, c_list, k.adversarial[0], k.clean[0], scale)
-        if clip_norm is None:
-            clip = torch.ones_like(norm_r)
-        else:
-            clip = torch.where(norm_r > 0, clip_norm / torch.where(norm_r > 0, norm_r, 1.0), 1.0)
-            clip = torch.where(clip.isnan(), clip, clip.clamp(max=1.0))
-            clip = torch.where(norm_r.isnan(), norm_r, clip)  # a NaN norm is never clipped to 1
+        clip = torch.ones_like(norm_r) if clip_norm is None else clip_scale_of(norm_r, norm_r, clip_norm)
         for i, r in zip(indices, r_list, strict=True):
             results[i] = (r * clip).to(adversarial[i].dtype)
         parts.append(
