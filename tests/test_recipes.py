@@ -1,4 +1,4 @@
-"""Tests for agr_optim.recipes: the PGD attack, the TRADES/MART losses and the four step functions.
+"""Tests for agr_optim.recipes: the PGD attack, the TRADES/MART losses and the five step functions.
 
 References are written here from the papers' formulas (float64), not with the library's helpers.
 """
@@ -14,6 +14,7 @@ from torch import nn
 from agr_optim import AGROptimizer
 from agr_optim.recipes import (
     PGD,
+    avmixup_step,
     awp_step,
     mart_loss,
     mart_step,
@@ -226,11 +227,23 @@ def test_mart_loss_batch_of_one():
 
 
 # ---------------------------------------------------------------------- steps vs a hand-written step
+MIX_SEED = 21  # the generator seed of the AVmixup draws, in the step and in the reference
+
+
+def mixed_inputs(x, x_adv, gamma: float = 2.0):
+    """AVmixup's inputs: lam x + (1 - lam) clip(x + gamma (x_adv - x)), lam ~ U(0, 1) per example."""
+    lam = torch.rand((x.shape[0], 1, 1, 1), generator=torch.Generator().manual_seed(MIX_SEED), dtype=x.dtype)
+    vertex = torch.clamp(x + gamma * (x_adv - x), 0.0, 1.0)
+    return lam * x + (1 - lam) * vertex, lam
+
+
 def objectives(method: str, model: nn.Module, x, x_adv, y, gamma: float = 5e-3):
     """(clean gradient, adversarial objective, AWP's saved weights) as the papers state them."""
     clean = grads(ce_ref(model(x), y), model)  # before AWP touches the weights
     if method == "at":
         return clean, ce_ref(model(x_adv), y), None
+    if method == "avmixup":
+        return clean, ce_ref(model(mixed_inputs(x, x_adv)[0]), y), None
     if method == "trades":
         return clean, trades_ref(model(x), model(x_adv), y, 6.0), None
     if method == "mart":
@@ -258,12 +271,17 @@ def reference_update(method: str, model: nn.Module, x, x_adv, y, lr: float, use_
     return [p - lr * u for p, u in zip(params, updates, strict=True)]
 
 
-STEPS = {"at": pgd_at_step, "trades": trades_step, "mart": mart_step, "awp": awp_step}
+def avmixup_with_seed(model, opt, x, y, **kwargs):
+    return avmixup_step(model, opt, x, y, generator=torch.Generator().manual_seed(MIX_SEED), **kwargs)
+
+
+STEPS = {"at": pgd_at_step, "trades": trades_step, "mart": mart_step, "awp": awp_step, "avmixup": avmixup_with_seed}
 
 
 @pytest.mark.parametrize("method", list(STEPS))
 @pytest.mark.parametrize("kind", ["agr", "plain-sgd", "agr-warm-start"])
-def test_step_matches_hand_written_update(method, kind):
+@pytest.mark.parametrize("clean_pass", ["needed", "always"])
+def test_step_matches_hand_written_update(method, kind, clean_pass):
     x, y = batch()
     x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)).clamp(0, 1)
     lr = 0.5
@@ -278,11 +296,11 @@ def test_step_matches_hand_written_update(method, kind):
         "agr-warm-start": AGROptimizer(sgd, clip_norm=None, start_step=1),
     }[kind]
     attack = fixed(x_adv)
-    out = STEPS[method](model, opt, x, y, attack=attack)
+    out = STEPS[method](model, opt, x, y, attack=attack, clean_pass=clean_pass)
     assert len(attack.calls) == 1 and attack.calls[0][0] is model
     for got, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=ATOL)
-    assert (out.clean_loss is not None) == (kind == "agr")
+    assert (out.clean_loss is not None) == (kind == "agr" or clean_pass == "always")
     if out.clean_loss is not None:
         torch.testing.assert_close(out.clean_loss, ce_ref(tiny_model()(x), y), rtol=0, atol=ATOL)
     assert out.x_adv is x_adv and not out.loss.requires_grad
@@ -363,3 +381,155 @@ def test_a_few_steps_reduce_the_loss(method):
     losses = [float(STEPS[method](model, opt, x, y, attack=attack).loss) for _ in range(30)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+# ---------------------------------------------------------------------- the authors' order (clean_pass="always")
+def authors_order_step(method: str, model: nn.Module, opt, x, x_adv, y, *, use_agr: bool, gamma: float = 5e-3):
+    """The AGR code's step (train.py of RUIYUN-ML/AGR), written out: after the attack (eval mode),
+    ``Model.train()``, the clean forward on every step, then the adversarial one; AGR or the
+    adversarial gradient alone; for AWP the perturbation from a forward on a copy (its BatchNorm
+    statistics thrown away)."""
+    model.train()
+    clean_logits = model(x)
+    clean = grads(ce_ref(clean_logits, y), model)
+    originals = None
+    if method == "awp":
+        proxy = __import__("copy").deepcopy(model)
+        weights = [p for p in proxy.parameters() if p.dim() > 1]
+        g = torch.autograd.grad(ce_ref(proxy(x_adv), y), weights)
+        originals = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, q, gi in zip([p for p in model.parameters() if p.dim() > 1], weights, g, strict=True):
+                p.add_(gamma * q.norm() * gi / gi.norm())
+    inputs = mixed_inputs(x, x_adv)[0] if method == "avmixup" else x_adv
+    adversarial = grads(ce_ref(model(inputs), y), model)
+    with torch.no_grad():
+        if originals is not None:
+            for p, w in zip(model.parameters(), originals, strict=True):
+                p.copy_(w)
+        for p, a, c in zip(model.parameters(), adversarial, clean, strict=True):
+            p.grad = agr_ref(a, c) if use_agr else a.clone()
+    (opt.optimizer if isinstance(opt, AGROptimizer) else opt).step()  # the rule is applied above
+
+
+@pytest.mark.parametrize("method", ["at", "awp", "avmixup"])
+@pytest.mark.parametrize("kind", ["plain-sgd", "agr-warm-start", "agr"])
+def test_clean_pass_always_matches_the_authors_batch_norm_statistics(method, kind):
+    """BatchNorm's running statistics see the clean batch, then the adversarial one, in every arm.
+
+    The default ("needed") skips the clean forward without AGR: its statistics differ (checked).
+    """
+    x, y = batch(n=16)
+    x_adv = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=DTYPE)).clamp(0, 1)
+
+    def make(k: str):
+        model = tiny_model(batch_norm=True)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        opt = {"plain-sgd": sgd, "agr-warm-start": AGROptimizer(sgd, clip_norm=None, start_step=5)}
+        return model, opt.get(k, AGROptimizer(sgd, clip_norm=None))
+
+    reference, ref_opt = make(kind)
+    for _ in range(2):  # two steps: momentum and the statistics' running average both carry over
+        authors_order_step(method, reference, ref_opt, x, x_adv, y, use_agr=kind == "agr")
+    results = {}
+    for clean_pass in ("always", "needed"):
+        model, opt = make(kind)
+        model.train()
+        for _ in range(2):
+            STEPS[method](model, opt, x, y, attack=fixed(x_adv), clean_pass=clean_pass)
+        results[clean_pass] = model
+    bn_ref, bn_always = reference[2], results["always"][2]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn_always, name), getattr(bn_ref, name), rtol=0, atol=ATOL)
+    for got, want in zip(results["always"].parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=ATOL)
+    if kind != "agr":  # without AGR the default runs no clean forward: the statistics differ
+        assert int(results["needed"][2].num_batches_tracked) == 2
+        assert not torch.allclose(results["needed"][2].running_mean, bn_ref.running_mean)
+
+
+def test_trades_with_the_authors_cross_entropy_attack():
+    """``attack=PGD()`` (the AGR code's choice) attacks the cross-entropy, not the KL: one unstarted
+    step of size eps is FGSM on the cross-entropy (gradient by hand for a linear model)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(DTYPE)
+    x, y = batch()
+    eps = 0.2
+    w = model[1].weight.detach()
+    onehot = torch.nn.functional.one_hot(y, 3).to(DTYPE)
+    grad_x = ((softmax_ref(model(x).detach()) - onehot) @ w).reshape(x.shape)
+    out = trades_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=PGD(eps, eps, 1, random_start="none"))
+    torch.testing.assert_close(out.x_adv, (x + eps * grad_x.sign()).clamp(0, 1), rtol=0, atol=1e-12)
+
+
+def test_avmixup_label_smoothing_matches_the_avmixup_objective():
+    """label_smoothing=(0.5, 0.7): cross-entropy with lam s(y; 0.5) + (1 - lam) s(y; 0.7)."""
+    x, y = batch()
+    x_adv = (x + 0.1).clamp(0, 1)
+    model = tiny_model()
+    x_mix, lam = mixed_inputs(x, x_adv)
+    k = 3
+    onehot = torch.nn.functional.one_hot(y, k).to(DTYPE)
+    smooth = lambda q: onehot * q + (1 - onehot) * (1 - q) / (k - 1)
+    target = lam.reshape(-1, 1) * smooth(0.5) + (1 - lam.reshape(-1, 1)) * smooth(0.7)
+    logits = model(x_mix)
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    expected = -(target.float() * log_p.float()).sum(dim=1).mean()
+    out = avmixup_with_seed(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=fixed(x_adv),
+                            label_smoothing=(0.5, 0.7))
+    torch.testing.assert_close(out.loss, expected.to(out.loss.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.logits, logits.detach(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", list(STEPS))
+def test_step_logits_are_the_adversarial_forward(method):
+    """StepOutput.logits: the adversarial objective's forward (mixed inputs for AVmixup)."""
+    x, y = batch()
+    x_adv = (x + 0.1).clamp(0, 1)
+    model = tiny_model()
+    inputs = mixed_inputs(x, x_adv)[0] if method == "avmixup" else x_adv
+    expected = model(inputs).detach()
+    out = STEPS[method](model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=fixed(x_adv))
+    if method == "awp":  # at the perturbed weights: not the plain forward
+        assert out.logits.shape == expected.shape and not torch.allclose(out.logits, expected)
+    else:
+        torch.testing.assert_close(out.logits, expected, rtol=0, atol=ATOL)
+    assert not out.logits.requires_grad
+
+
+@pytest.mark.parametrize("method", list(STEPS))
+def test_grad_scaler_step_equals_the_unscaled_step(method):
+    """A real GradScaler (CPU, float32): scaled backward passes, the AGR step unscales both."""
+    x, y = batch()
+    x_adv = (x + 0.1).clamp(0, 1)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        model = tiny_model().float()
+        opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.5), clip_norm=None)
+        STEPS[method](model, opt, x.float(), y, attack=fixed(x_adv.float()), scaler=scaler)
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert opt.step_count == 1
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(STEPS))
+def test_bad_step_options(method):
+    model, (x, y) = tiny_model(), batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="clean_pass"):
+        STEPS[method](model, opt, x, y, clean_pass="sometimes")
+    with pytest.raises(TypeError, match="scaler"):
+        STEPS[method](model, opt, x, y, scaler=object())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"gamma": -1.0}, "gamma"), ({"label_smoothing": (0.5, 1.5)}, "label_smoothing"), ({"bounds": (1, 0)}, "bounds")],
+)
+def test_avmixup_bad_arguments(kwargs, match):
+    model, (x, y) = tiny_model(), batch()
+    with pytest.raises(ValueError, match=match):
+        avmixup_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, **kwargs)

@@ -2,14 +2,28 @@ r"""One training step per adversarial-training method, with the two-gradient dan
 
 Every step function has the same shape: attack the batch, then
 
-1. if ``optimizer`` is an :class:`~agr_optim.AGROptimizer` and :attr:`~agr_optim.AGROptimizer.active`:
-   backward the *clean objective* (cross-entropy on the natural inputs) and
-   :meth:`~agr_optim.AGROptimizer.stash_clean`;
+1. the *clean pass*: if ``optimizer`` is an :class:`~agr_optim.AGROptimizer` and
+   :attr:`~agr_optim.AGROptimizer.active`, backward the *clean objective* (cross-entropy on the
+   natural inputs) and :meth:`~agr_optim.AGROptimizer.stash_clean`;
 2. backward the method's *adversarial objective*;
-3. ``optimizer.step()``.
+3. ``optimizer.step()`` (``scaler.step(optimizer)`` and ``scaler.update()`` with a
+   :class:`torch.amp.GradScaler`).
 
-During AGR's warm start, or with a plain ``torch.optim`` optimizer, step 1 is skipped and the
-step is exactly the plain method (no extra forward pass is paid).
+``clean_pass`` says when the clean forward pass runs:
+
+- ``"needed"`` (the default): only when AGR needs the clean gradient. During AGR's warm start,
+  or with a plain ``torch.optim`` optimizer, the step is exactly the plain method and costs what
+  the plain method costs.
+- ``"always"``: the AGR authors' order (``train.py`` of RUIYUN-ML/AGR). The clean batch goes
+  through the model in train mode on *every* step, AGR or not, so BatchNorm's running statistics
+  are updated with the clean batch, then the adversarial one, in every arm and every epoch. When
+  the clean gradient is not needed (plain optimizer, warm start) no clean backward is run: the
+  authors compute that gradient and throw it away (plain arm: ``zero_grad`` before the
+  adversarial backward; AGR arm before its start epoch: only its statistics are logged), so the
+  update is the same.
+
+TRADES and MART compute the clean logits for their objective anyway, so for them the two
+settings give the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -28,7 +43,10 @@ from ._attacks import PGD, Attack
 from ._awp import perturbed_weights, weight_perturbation
 from ._losses import mart_loss, trades_loss
 
-__all__ = ["StepOutput", "pgd_at_step", "trades_step", "mart_step", "awp_step"]
+__all__ = ["StepOutput", "CLEAN_PASSES", "pgd_at_step", "trades_step", "mart_step", "awp_step", "avmixup_step"]
+
+#: The values of ``clean_pass``: see the module docstring.
+CLEAN_PASSES = ("needed", "always")
 
 
 class StepOutput(NamedTuple):
@@ -36,29 +54,66 @@ class StepOutput(NamedTuple):
 
     #: The adversarial objective that was minimised (a scalar).
     loss: Tensor
-    #: The clean cross-entropy, or ``None`` when no clean gradient was needed (AGR inactive).
+    #: The clean cross-entropy, or ``None`` with ``clean_pass="needed"`` when no clean gradient
+    #: was taken (AGR inactive or a plain optimizer).
     clean_loss: Tensor | None
     #: The adversarial inputs the attack produced.
     x_adv: Tensor
+    #: The logits of the adversarial objective's forward pass, for the training accuracy: on
+    #: ``x_adv`` (at the perturbed weights for AWP); for AVmixup on the mixed inputs it trains on.
+    logits: Tensor
 
 
 def _wants_clean(optimizer: Optimizer) -> bool:
     return isinstance(optimizer, AGROptimizer) and optimizer.active
 
 
-def _clean_pass(
-    model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, logits_clean: Tensor | None = None
-) -> Tensor | None:
-    """``zero_grad``; with an active AGR optimizer also the clean backward and the stash.
+def _check_options(clean_pass: object, scaler: object) -> None:
+    if clean_pass not in CLEAN_PASSES:
+        raise ValueError(f"Invalid clean_pass: {clean_pass!r}; expected one of {CLEAN_PASSES}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
 
-    Returns the clean cross-entropy (detached), or ``None`` when no clean gradient is needed.
+
+def _backward(loss: Tensor, scaler: torch.amp.GradScaler | None, *, retain_graph: bool = False) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward(retain_graph=retain_graph)
+
+
+def _optimizer_step(optimizer: Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+    else:
+        # AGROptimizer sets _step_supports_amp_scaling: both gradients are unscaled in its step.
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def _clean_pass(
+    model: nn.Module,
+    optimizer: Optimizer,
+    x: Tensor,
+    y: Tensor,
+    clean_pass: str,
+    scaler: torch.amp.GradScaler | None,
+    logits_clean: Tensor | None = None,
+) -> Tensor | None:
+    """``zero_grad``; the clean forward if ``clean_pass`` asks for it; with an active AGR
+    optimizer the clean backward and the stash.
+
+    Returns the clean cross-entropy (detached), or ``None`` when no clean forward ran.
     ``logits_clean``, if given, is reused (and its graph kept for the adversarial objective).
     """
     optimizer.zero_grad()
     if not _wants_clean(optimizer):
-        return None
+        if clean_pass == "needed":
+            return None
+        if logits_clean is not None:
+            return F.cross_entropy(logits_clean.detach(), y)
+        with torch.no_grad():  # the forward pass for BatchNorm's statistics; no gradient is needed
+            return F.cross_entropy(model(x), y)
+    retain = logits_clean is not None
     clean_loss = F.cross_entropy(model(x) if logits_clean is None else logits_clean, y)
-    clean_loss.backward(retain_graph=logits_clean is not None)
+    _backward(clean_loss, scaler, retain_graph=retain)
     optimizer.stash_clean()  # type: ignore[attr-defined]
     return clean_loss.detach()
 
@@ -68,15 +123,32 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"Invalid beta: {beta!r}; expected a finite number >= 0")
 
 
+def _finish(
+    optimizer: Optimizer, scaler: torch.amp.GradScaler | None, loss: Tensor, clean_loss: Tensor | None, x_adv: Tensor,
+    logits: Tensor,
+) -> StepOutput:
+    _backward(loss, scaler)
+    _optimizer_step(optimizer, scaler)
+    return StepOutput(loss.detach(), clean_loss, x_adv, logits.detach())
+
+
 def pgd_at_step(
-    model: nn.Module, optimizer: Optimizer, x: Tensor, y: Tensor, *, attack: Attack | None = None
+    model: nn.Module,
+    optimizer: Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    attack: Attack | None = None,
+    clean_pass: str = "needed",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepOutput:
     r"""One step of PGD adversarial training (Madry et al., *Towards Deep Learning Models Resistant
     to Adversarial Attacks*, ICLR 2018).
 
     Clean objective :math:`\mathrm{CE}(f(x), y)`; adversarial objective :math:`\mathrm{CE}(f(x'), y)`
     with :math:`x' = \mathrm{attack}(f, x, y)` (default :class:`PGD` with eps 8/255, step 2/255,
-    10 steps, cross-entropy).
+    10 steps, cross-entropy). ``clean_pass``: ``"needed"`` or ``"always"`` (the AGR authors' order,
+    see :mod:`agr_optim.recipes`); ``scaler``: a :class:`torch.amp.GradScaler` for float16.
 
     Example:
         >>> import torch
@@ -89,13 +161,12 @@ def pgd_at_step(
         >>> opt.step_count, out.clean_loss is not None
         (1, True)
     """
+    _check_options(clean_pass, scaler)
     attack = PGD() if attack is None else attack
     x_adv = attack(model, x, y)
-    clean_loss = _clean_pass(model, optimizer, x, y)
-    loss = F.cross_entropy(model(x_adv), y)
-    loss.backward()
-    optimizer.step()
-    return StepOutput(loss.detach(), clean_loss, x_adv)
+    clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler)
+    logits = model(x_adv)
+    return _finish(optimizer, scaler, F.cross_entropy(logits, y), clean_loss, x_adv, logits)
 
 
 def trades_step(
@@ -106,6 +177,8 @@ def trades_step(
     *,
     beta: float = 6.0,
     attack: Attack | None = None,
+    clean_pass: str = "needed",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepOutput:
     r"""One step of TRADES (Zhang et al., *Theoretically Principled Trade-off between Robustness
     and Accuracy*, ICML 2019).
@@ -113,13 +186,17 @@ def trades_step(
     Clean objective :math:`\mathrm{CE}(f(x), y)`; adversarial objective
     :func:`trades_loss` :math:`= \mathrm{CE}(f(x), y) + \beta\,\mathrm{KL}(p(x)\Vert p(x'))`, as the
     AGR code uses for TRADES. The default attack maximises the KL term
-    (``PGD(loss="kl", random_start="normal")``, as the TRADES code does). With AGR the clean
-    logits are computed once and shared by both objectives.
+    (``PGD(loss="kl", random_start="normal")``, as the TRADES code does). The AGR authors attack
+    with the cross-entropy PGD of their other methods instead: pass ``attack=PGD()`` (``agr-train
+    --preset paper`` does). The clean logits are computed once and shared by both objectives, so
+    ``clean_pass`` changes nothing here (it is accepted for a uniform signature).
     """
     _check_beta(beta)
+    _check_options(clean_pass, scaler)
     attack = PGD(loss="kl", random_start="normal") if attack is None else attack
     x_adv = attack(model, x, y)
-    return _regularised_step(model, optimizer, x, x_adv, y, lambda lc, la: trades_loss(lc, la, y, beta=beta))
+    objective = lambda lc, la: trades_loss(lc, la, y, beta=beta)
+    return _regularised_step(model, optimizer, x, x_adv, y, objective, clean_pass, scaler)
 
 
 def mart_step(
@@ -130,6 +207,8 @@ def mart_step(
     *,
     beta: float = 6.0,
     attack: Attack | None = None,
+    clean_pass: str = "needed",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepOutput:
     r"""One step of MART (Wang et al., *Improving Adversarial Robustness Requires Revisiting
     Misclassified Examples*, ICLR 2020).
@@ -137,11 +216,16 @@ def mart_step(
     Clean objective :math:`\mathrm{CE}(f(x), y)`; adversarial objective :func:`mart_loss`
     (boosted cross-entropy on :math:`x'` plus :math:`\beta` times the KL weighted by
     :math:`1 - p_y(x)`). Default attack: :class:`PGD` on the cross-entropy, as in the MART code.
+    The clean logits are shared by both objectives, so ``clean_pass`` changes nothing here (the
+    AGR code runs two more forward passes, clean and adversarial, inside its MART loss; here each
+    batch goes through BatchNorm once).
     """
     _check_beta(beta)
+    _check_options(clean_pass, scaler)
     attack = PGD() if attack is None else attack
     x_adv = attack(model, x, y)
-    return _regularised_step(model, optimizer, x, x_adv, y, lambda lc, la: mart_loss(lc, la, y, beta=beta))
+    objective = lambda lc, la: mart_loss(lc, la, y, beta=beta)
+    return _regularised_step(model, optimizer, x, x_adv, y, objective, clean_pass, scaler)
 
 
 def _regularised_step(
@@ -151,14 +235,14 @@ def _regularised_step(
     x_adv: Tensor,
     y: Tensor,
     objective: Callable[[Tensor, Tensor], Tensor],
+    clean_pass: str,
+    scaler: torch.amp.GradScaler | None,
 ) -> StepOutput:
     """The step of an objective of the clean and the adversarial logits (TRADES, MART)."""
     logits_clean = model(x)
-    clean_loss = _clean_pass(model, optimizer, x, y, logits_clean)
-    loss = objective(logits_clean, model(x_adv))
-    loss.backward()
-    optimizer.step()
-    return StepOutput(loss.detach(), clean_loss, x_adv)
+    clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler, logits_clean)
+    logits = model(x_adv)
+    return _finish(optimizer, scaler, objective(logits_clean, logits), clean_loss, x_adv, logits)
 
 
 def awp_step(
@@ -169,24 +253,103 @@ def awp_step(
     *,
     gamma: float = 5e-3,
     attack: Attack | None = None,
+    clean_pass: str = "needed",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepOutput:
     r"""One step of PGD-AT with adversarial weight perturbation (Wu et al., *Adversarial Weight
     Perturbation Helps Robust Generalization*, NeurIPS 2020).
 
     Clean objective :math:`\mathrm{CE}(f_w(x), y)` at the current weights :math:`w`;
     adversarial objective :math:`\mathrm{CE}(f_{w+v}(x'), y)` at the perturbed weights, with
-    :math:`v` from :func:`weight_perturbation` (:math:`\gamma = 5\cdot10^{-3}` as in the AWP paper;
-    the AGR code uses 0.01). The perturbation is removed, by copying the saved weights back,
-    *before* ``optimizer.step()``, so the update is applied to :math:`w` exactly (the AWP code
-    subtracts :math:`v` after the step; for plain SGD that is the same update up to rounding,
-    but weight decay would act on :math:`w + v`).
+    :math:`v` from :func:`weight_perturbation` (:math:`\gamma = 5\cdot10^{-3}`, the AWP paper's
+    value for AT-AWP; the AGR code uses 0.01, which ``agr-train --preset paper`` uses). The
+    perturbation is removed, by copying the saved weights back, *before* ``optimizer.step()``, so
+    the update is applied to :math:`w` exactly (the AWP code subtracts :math:`v` after the step;
+    for plain SGD that is the same update up to rounding, but weight decay would act on
+    :math:`w + v`). The clean gradient is taken at :math:`w` (the AGR code backpropagates its
+    clean loss after perturbing the weights in place, so part of its clean gradient is computed
+    with :math:`w + v`).
     """
+    _check_options(clean_pass, scaler)
     attack = PGD() if attack is None else attack
     x_adv = attack(model, x, y)
-    clean_loss = _clean_pass(model, optimizer, x, y)
+    clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler)
     perturbation = weight_perturbation(model, x_adv, y, gamma=gamma)
     with perturbed_weights(perturbation):
-        loss = F.cross_entropy(model(x_adv), y)
-        loss.backward()
-    optimizer.step()
-    return StepOutput(loss.detach(), clean_loss, x_adv)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        _backward(loss, scaler)
+    _optimizer_step(optimizer, scaler)
+    return StepOutput(loss.detach(), clean_loss, x_adv, logits.detach())
+
+
+def avmixup_step(
+    model: nn.Module,
+    optimizer: Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    gamma: float = 2.0,
+    label_smoothing: tuple[float, float] | None = None,
+    attack: Attack | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    clean_pass: str = "needed",
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepOutput:
+    r"""One step of AVmixup (Lee et al., *Adversarial Vertex Mixup: Toward Better Adversarially
+    Robust Generalization*, CVPR 2020), as the AGR code trains it.
+
+    With :math:`x' = \mathrm{attack}(f, x, y)`, the *adversarial vertex*
+    :math:`x_{av} = \operatorname{clip}_{[lo, hi]}\big(x + \gamma (x' - x)\big)` (:math:`\gamma = 2`,
+    as in the AVmixup paper for CIFAR and the AGR code) and, per example,
+    :math:`\lambda \sim \mathrm{Beta}(1, 1)` (uniform on [0, 1], drawn from ``generator``, which
+    must live on ``x``'s device; ``None``: the global stream),
+
+    .. math::
+
+        \tilde x = \lambda x + (1 - \lambda)\, x_{av}, \qquad
+        L = \mathrm{CE}\big(f(\tilde x), y\big).
+
+    Clean objective :math:`\mathrm{CE}(f(x), y)`. The AGR code computes the AVmixup paper's soft
+    labels (label smoothing 0.5 at :math:`x`, 0.7 at :math:`x_{av}`, mixed by :math:`\lambda`) but
+    then trains on the hard labels :math:`y`; the default does what it does. Pass
+    ``label_smoothing=(0.5, 0.7)`` for the AVmixup paper's objective: the target is
+    :math:`\lambda\,s(y; 0.5) + (1 - \lambda)\,s(y; 0.7)` with
+    :math:`s(y; q)_k = q` for :math:`k = y` and :math:`(1 - q)/(K - 1)` otherwise, and
+    :math:`L` the cross-entropy with that target.
+    """
+    _check_options(clean_pass, scaler)
+    if not isinstance(gamma, numbers.Real) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"Invalid gamma: {gamma!r}; expected a finite number >= 0")
+    if label_smoothing is not None:
+        if len(label_smoothing) != 2 or not all(isinstance(q, numbers.Real) and 0 <= q <= 1 for q in label_smoothing):
+            raise ValueError(
+                f"Invalid label_smoothing: {label_smoothing!r}; expected None or (q_clean, q_vertex) in [0, 1]"
+            )
+    lo, hi = bounds
+    if not lo < hi:
+        raise ValueError(f"Invalid bounds: {bounds!r}; expected (lo, hi) with lo < hi")
+    attack = PGD() if attack is None else attack
+    x_adv = attack(model, x, y)
+    x_av = (x + gamma * (x_adv - x)).clamp(lo, hi)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    lam = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_mix = lam * x + (1 - lam) * x_av
+    clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler)
+    logits = model(x_mix)
+    if label_smoothing is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        num_classes = logits.shape[1]
+        onehot = F.one_hot(y, num_classes).to(torch.float32)
+        lam_y = lam.reshape(-1, 1).to(torch.float32)
+        target = lam_y * _smoothed(onehot, label_smoothing[0]) + (1 - lam_y) * _smoothed(onehot, label_smoothing[1])
+        loss = -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    return _finish(optimizer, scaler, loss, clean_loss, x_adv, logits)
+
+
+def _smoothed(onehot: Tensor, q: float) -> Tensor:
+    """``q`` on the true class, ``(1 - q) / (K - 1)`` elsewhere (the AVmixup code's label_smoothing)."""
+    k = onehot.shape[1]
+    return onehot * q + (1 - onehot) * ((1 - q) / max(k - 1, 1))
