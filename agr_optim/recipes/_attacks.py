@@ -12,17 +12,21 @@ projects back onto the ball and the data range:
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PGD", "Attack"]
+__all__ = ["PGD", "Attack", "as_attack"]
 
-#: Any callable ``attack(model, x, y) -> x_adv`` (for example a torchattacks attack's ``forward``).
+#: What the recipes call: ``attack(model, x, y) -> x_adv`` (:class:`PGD` is one). The recipes also
+#: take a torchattacks attack built on the trained model as it is; any other attack bound to a
+#: model, ``attack(x, y) -> x_adv``, goes through :func:`as_attack`.
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 _LOSSES = ("ce", "kl")
@@ -131,3 +135,205 @@ class PGD:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------- attacks bound to a model
+def as_attack(attack: Callable[[Tensor, Tensor], Tensor], *, model: nn.Module | None = None) -> Attack:
+    r"""Adapt an attack bound to a model, ``attack(x, y) -> x_adv``, to the recipes' ``attack(model, x, y)``.
+
+    Args:
+        attack: a torchattacks attack (an instance of ``torchattacks.attack.Attack``; its model is
+            its ``.model``), or any callable ``attack(x, y) -> x_adv`` that attacks ``model``.
+        model: the model ``attack`` is bound to; required unless ``attack`` is a torchattacks attack
+            (then, if given, it must be the attack's model).
+
+    The adapter refuses to run against any other model (``ValueError`` naming the argument): an
+    attack on one network used to train another is a silent, plausible-looking wrong result.
+    Models are the same when they are the same object once the wrappers that only distribute or
+    compile a model are looked through (``DistributedDataParallel``, ``DataParallel``,
+    ``torch.compile``'s ``OptimizedModule``, Lightning Fabric's module wrapper); a model wrapped in
+    anything else (a normalisation layer in front, say) is a different model.
+
+    Every submodule's train/eval mode is put back after the attack, also on error. This matters
+    for torchattacks: its ``__call__`` switches the model to eval mode and afterwards calls
+    ``model.train()`` if the model was training, which also switches to training the submodules
+    that were in eval mode (frozen batch norms); and it leaves the model in eval mode when the
+    attack raises. The adapter returns ``x_adv`` detached, with the shape of ``x``.
+
+    The recipes do this adaptation themselves for torchattacks attacks (``attack=atk``); call
+    ``as_attack`` for another ``attack(x, y)`` callable, or to use a torchattacks attack in a
+    hand-written loop with the mode handling above.
+
+    Example:
+        >>> import torch
+        >>> from agr_optim.recipes import as_attack
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()
+        >>> model[1].eval()                       # a submodule frozen in eval mode
+        Dropout(p=0.5, inplace=False)
+        >>> def fgsm(x, y):                      # bound to `model`
+        ...     x = x.clone().requires_grad_(True)
+        ...     loss = torch.nn.functional.cross_entropy(model(x), y)
+        ...     (g,) = torch.autograd.grad(loss, x)
+        ...     return (x + 0.1 * g.sign()).clamp(0, 1)
+        >>> attack = as_attack(fgsm, model=model)
+        >>> x_adv = attack(model, torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+        >>> x_adv.shape, model.training, model[1].training
+        (torch.Size([5, 4]), True, False)
+    """
+    if isinstance(attack, _BoundAttack):
+        if model is not None:
+            _check_same_model(attack.model, model, "model")
+        return attack
+    if _is_torchattacks_attack(attack):
+        bound = getattr(attack, "model", None)
+        if not isinstance(bound, nn.Module):
+            raise TypeError(
+                f"attack is a torchattacks {type(attack).__name__} without a model (its .model is "
+                f"{type(bound).__name__}); build it on the model you train"
+            )
+        if model is not None:
+            _check_same_model(bound, model, "model")
+        return _BoundAttack(attack, bound, torchattacks=True)
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
+    if model is None:
+        raise TypeError(
+            "as_attack(attack) needs model=: the model that attack(x, y) attacks (only a torchattacks "
+            "attack knows its model)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if _binds(attack, 2) is False:
+        raise TypeError(f"attack must be callable as attack(x, y) -> x_adv; its signature is {_signature(attack)}")
+    return _BoundAttack(attack, model, torchattacks=False)
+
+
+class _BoundAttack:
+    """``attack(x, y)`` bound to ``model``, called as ``attack(model, x, y)`` (see :func:`as_attack`)."""
+
+    def __init__(self, attack: Callable[[Tensor, Tensor], Tensor], model: nn.Module, *, torchattacks: bool) -> None:
+        self.attack, self.model, self.torchattacks = attack, model, torchattacks
+
+    def __repr__(self) -> str:
+        return f"as_attack({self.attack!r})"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        _check_same_model(self.model, model, "attack")
+        if self.torchattacks:
+            _check_torchattacks_device(self.attack, model)
+        modules = {id(m): m for m in (*self.model.modules(), *model.modules())}
+        modes = [(m, m.training) for m in modules.values()]
+        try:
+            x_adv = self.attack(x, y)
+        finally:
+            for module, training in modes:
+                module.training = training
+        if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+            raise RuntimeError(f"attack returned {got}; expected a tensor of the inputs' shape {tuple(x.shape)}")
+        return x_adv.detach()
+
+
+def resolve_attack(attack: object, model: nn.Module) -> Attack:
+    """The recipes' ``attack=`` argument as an ``attack(model, x, y)``, checked against ``model``.
+
+    A torchattacks attack is adapted (:func:`as_attack`); an ``attack(x, y)`` callable is refused
+    with the way to adapt it; anything else callable is used as it is.
+    """
+    if isinstance(attack, _BoundAttack) or _is_torchattacks_attack(attack):
+        adapted = as_attack(attack)  # type: ignore[arg-type]
+        _check_same_model(adapted.model, model, "attack")  # type: ignore[attr-defined]
+        return adapted
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(model, x, y) -> x_adv, got {type(attack).__name__}")
+    owner = getattr(attack, "__self__", None)
+    if _is_torchattacks_attack(owner):
+        raise TypeError(
+            f"attack is the bound method {getattr(attack, '__name__', '?')} of a torchattacks "
+            f"{type(owner).__name__}: pass the attack itself (attack=atk), not atk.forward"
+        )
+    if _binds(attack, 3) is False:
+        if _binds(attack, 2):
+            raise TypeError(
+                f"attack takes (x, y) (signature {_signature(attack)}); the recipes call attack(model, x, y): "
+                "pass agr_optim.recipes.as_attack(attack, model=model)"
+            )
+        raise TypeError(
+            f"attack must be callable as attack(model, x, y) -> x_adv; its signature is {_signature(attack)}"
+        )
+    return attack  # type: ignore[return-value]
+
+
+def _is_torchattacks_attack(obj: object) -> bool:
+    # No import: if torchattacks was never imported, no torchattacks attack can exist.
+    module = sys.modules.get("torchattacks.attack")
+    base = getattr(module, "Attack", None)
+    return isinstance(base, type) and isinstance(obj, base)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Look through the wrappers that only distribute or compile a model."""
+    wrappers: list[tuple[type, str]] = [
+        (nn.parallel.DistributedDataParallel, "module"),
+        (nn.DataParallel, "module"),
+    ]
+    for module_name, class_name, attribute in (
+        ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),
+        ("lightning.fabric.wrappers", "_FabricModule", "_original_module"),
+        ("lightning_fabric.wrappers", "_FabricModule", "_original_module"),
+    ):
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type):
+            wrappers.append((cls, attribute))
+    while True:
+        for cls, attribute in wrappers:
+            inner = getattr(model, attribute, None) if isinstance(model, cls) else None
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def _check_same_model(bound: nn.Module, model: nn.Module, argument: str) -> None:
+    if _unwrap(bound) is not _unwrap(model):
+        raise ValueError(
+            f"{argument}: the attack is bound to another model ({type(bound).__name__} at {id(bound):#x}) than "
+            f"the one being trained ({type(model).__name__} at {id(model):#x}); build the attack on the "
+            "trained model (for torchattacks: torchattacks.PGD(model, ...); for inputs that the model "
+            "normalises, attack.set_normalization_used(mean, std) rather than a wrapper model)"
+        )
+
+
+def _check_torchattacks_device(attack: object, model: nn.Module) -> None:
+    """torchattacks moves the inputs to the device it read from the model when it was built."""
+    device = getattr(attack, "device", None)
+    param = next(model.parameters(), None)
+    if device is None or param is None:
+        return
+    device = torch.device(device)
+    if device.type != param.device.type or None not in (device.index, param.device.index) and device != param.device:
+        raise RuntimeError(
+            f"attack: the torchattacks {type(attack).__name__} sends inputs to {device} but the model is on "
+            f"{param.device} (it was moved after the attack was built); call attack.set_device({str(param.device)!r})"
+        )
+
+
+def _signature(fn: object) -> str:
+    try:
+        return str(inspect.signature(fn))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "(unknown)"
+
+
+def _binds(fn: object, count: int) -> bool | None:
+    """Whether ``fn`` accepts ``count`` positional arguments (``None``: its signature is unknown)."""
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True

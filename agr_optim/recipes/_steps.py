@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .._optimizer import AGROptimizer
-from ._attacks import PGD, Attack
+from ._attacks import PGD, Attack, resolve_attack
 from ._awp import perturbed_weights, weight_perturbation
 from ._losses import mart_loss, trades_loss
 
@@ -162,7 +162,7 @@ def pgd_at_step(
         (1, True)
     """
     _check_options(clean_pass, scaler)
-    attack = PGD() if attack is None else attack
+    attack = PGD() if attack is None else resolve_attack(attack, model)
     x_adv = attack(model, x, y)
     clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler)
     logits = model(x_adv)
@@ -193,7 +193,7 @@ def trades_step(
     """
     _check_beta(beta)
     _check_options(clean_pass, scaler)
-    attack = PGD(loss="kl", random_start="normal") if attack is None else attack
+    attack = PGD(loss="kl", random_start="normal") if attack is None else resolve_attack(attack, model)
     x_adv = attack(model, x, y)
     objective = lambda lc, la: trades_loss(lc, la, y, beta=beta)
     return _regularised_step(model, optimizer, x, x_adv, y, objective, clean_pass, scaler)
@@ -222,7 +222,7 @@ def mart_step(
     """
     _check_beta(beta)
     _check_options(clean_pass, scaler)
-    attack = PGD() if attack is None else attack
+    attack = PGD() if attack is None else resolve_attack(attack, model)
     x_adv = attack(model, x, y)
     objective = lambda lc, la: mart_loss(lc, la, y, beta=beta)
     return _regularised_step(model, optimizer, x, x_adv, y, objective, clean_pass, scaler)
@@ -271,7 +271,7 @@ def awp_step(
     with :math:`w + v`).
     """
     _check_options(clean_pass, scaler)
-    attack = PGD() if attack is None else attack
+    attack = PGD() if attack is None else resolve_attack(attack, model)
     x_adv = attack(model, x, y)
     clean_loss = _clean_pass(model, optimizer, x, y, clean_pass, scaler)
     perturbation = weight_perturbation(model, x_adv, y, gamma=gamma)
@@ -330,7 +330,7 @@ def avmixup_step(
     lo, hi = bounds
     if not lo < hi:
         raise ValueError(f"Invalid bounds: {bounds!r}; expected (lo, hi) with lo < hi")
-    attack = PGD() if attack is None else attack
+    attack = PGD() if attack is None else resolve_attack(attack, model)
     x_adv = attack(model, x, y)
     x_av = (x + gamma * (x_adv - x)).clamp(lo, hi)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
