@@ -41,7 +41,7 @@ def preact18_count(num_classes: int, in_channels: int = 3) -> int:
     total = conv(in_channels, 64)
     cin = 64
     for planes in (64, 128, 256, 512):
-        for block in range(2):
+        for _ in range(2):
             total += bn(cin) + conv(cin, planes) + bn(planes) + conv(planes, planes)
             if cin != planes:  # 1x1 projection shortcut in the first block of stages 2-4
                 total += conv(cin, planes, 1)
@@ -219,7 +219,8 @@ def test_build_model_names_and_arguments() -> None:
 
 
 def test_unknown_model_names_the_flag() -> None:
-    with pytest.raises(ValueError, match=r"unknown --model 'resnet50'; choose one of preactresnet18, wrn34-10, smallcnn"):
+    expected = r"unknown --model 'resnet50'; choose one of preactresnet18, wrn34-10, smallcnn"
+    with pytest.raises(ValueError, match=expected):
         build_model("resnet50", num_classes=10, in_channels=3, image_size=32)
 
 
