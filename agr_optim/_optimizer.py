@@ -2,36 +2,55 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._amp import forget_scaler_request, read_scaler_request, stash_group, unscale_
+from ._amp import ScalerView, asked_by_grad_scaler, forget_scaler_request, read_scaler_request, show_stash, unscale_
 from ._distributed import local_tensor
 from ._stats import ReconstructionStats
 from .functional import _run, validate_clip_norm, validate_fused, validate_gradients, validate_granularity
 
-__all__ = ["AGROptimizer"]
+__all__ = ["AGROptimizer", "strip_agr_state"]
 
 GRANULARITIES = ("tensor", "group", "global")
+KINDS = ("clean", "adversarial")
 _STATE_KEY = "agr"
-_TRANSIENT = ("_stash", "_stash_kind", "_stash_group")
+_SETTINGS = ("clip_norm", "start_step", "granularity", "fused")
 #: What a pickle or deepcopy keeps, as torch's Optimizer keeps only its defaults, state and
 #: groups: hooks, a scheduler's patched ``step`` (it holds a weakref to the original) and the
 #: stash are left behind.
 _PICKLED = (
-    "_optimizer", "_initializing", "clip_norm", "start_step", "granularity", "fused", "_step_count", "last_stats"
+    "_optimizer", "_initializing", "_clip_norm", "_start_step", "_granularity", "_fused", "_step_count",
+    "_last_stats", "_last_segment_params",
 )
+_RECIPE = "see 'Gradient accumulation' in docs/amp_distributed.rst"
+
+
+class _Plan(NamedTuple):
+    """What one ``step()`` will do, decided before anything is written."""
+
+    mode: str  # "reconstruct", "warm_start", "init" (DCP's state initialisation) or "skip" (an inf)
+    grads: list[tuple[Tensor, Tensor | None]]  # every parameter and the .grad its inner step gets
+    adversarial: list[Tensor]  # the pairs to reconstruct (or to describe, in the warm start)
+    clean: list[Tensor | None]
+    segment_ids: list[int]
+    num_segments: int
+    segment_params: tuple[tuple[Tensor, ...], ...]
+    with_stats: bool
+    inv_scale: Tensor | None  # GradScaler's: unscale every gradient in the pairs first
 
 
 class AGROptimizer(Optimizer):
-    r"""Adaptive Gradient Reconstruction around an inner optimizer.
+    r"""AGR (clean and adversarial gradient steering) around an inner optimizer.
 
-    Tong et al., *Adversarial Training with Adaptive Gradient Reconstruction*, ACM MM 2024.
+    Tong et al., *Balancing Generalization and Robustness in Adversarial Training via Steering
+    through Clean and Adversarial Gradient Directions*, ACM MM 2024.
     Each training step computes two gradients, the clean :math:`c` (loss on natural inputs)
     and the adversarial :math:`a` (loss on attacked inputs). One of them is stashed with
     :meth:`stash_clean` (or :meth:`stash_adversarial`), the other is left in ``.grad`` by the
@@ -46,15 +65,21 @@ class AGROptimizer(Optimizer):
         \qquad r \leftarrow r\cdot\min\!\Big(1, \frac{\text{clip\_norm}}{\lVert r\rVert}\Big),
 
     then calls the inner optimizer's ``step()``, whose momentum, weight decay and learning
-    rate act on :math:`r`. During the warm start (the first ``start_step`` steps) the update
-    is :math:`a`, unchanged and unclipped, as in the paper, which starts AGR at epoch 155 of 200.
+    rate act on :math:`r`. A parameter without an adversarial gradient gets ``.grad = None``
+    and does not move. During the warm start (the first ``start_step`` steps) the update is
+    :math:`a`, unchanged and unclipped, as in the paper, which starts AGR at epoch 155 of 200.
+
+    With gradient accumulation, stash *both* gradients in every micro-batch (clean backward,
+    :meth:`stash_clean`, adversarial backward, :meth:`stash_adversarial`): the stashes add up,
+    and :meth:`step` reconstructs from the two sums.
 
     The wrapper shares the inner optimizer's ``param_groups``, ``state`` and ``defaults``
     (the objects, not copies), so LR schedulers, ``add_param_group`` and checkpoints act on
     the inner optimizer.
 
     Args:
-        optimizer: the inner optimizer (SGD with momentum in the paper; any torch optimizer).
+        optimizer: the inner optimizer (SGD with momentum in the paper; any torch optimizer
+            whose ``step()`` works without a closure).
         clip_norm: clip each segment's reconstructed gradient to this norm; ``None`` for no
             clipping. The paper's code uses 0.1 per tensor.
         start_step: number of initial steps that use the adversarial gradient alone.
@@ -64,11 +89,9 @@ class AGROptimizer(Optimizer):
             ``"compile"`` (opt-in) runs the fused path through ``torch.compile`` (see
             :func:`agr_optim.functional.reconstruct`).
 
-    Attributes:
-        last_stats: :class:`~agr_optim.ReconstructionStats` of the last reconstructing step
-            (``None`` before one); segments are, in ``param_groups`` order, the parameters
-            that had an adversarial gradient (``"tensor"``), the groups that had one
-            (``"group"``), or one segment (``"global"``).
+    The four settings are also properties, validated on assignment with the constructor's
+    messages (a refused value changes nothing). :meth:`load_state_dict` sets them from the
+    checkpoint, as torch optimizers take their param groups' hyperparameters from it.
 
     Example:
         >>> import torch
@@ -101,76 +124,96 @@ class AGROptimizer(Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AGROptimizer):
             raise TypeError("optimizer is already an AGROptimizer; wrap the inner optimizer once")
+        if _requires_closure(optimizer):
+            raise TypeError(
+                f"optimizer {type(optimizer).__name__}'s step() requires a closure that re-evaluates the loss; "
+                "AGR reconstructs one update from two given gradients per step, so it cannot wrap it"
+            )
         validate_clip_norm(clip_norm)
         _validate_start_step(start_step)
         validate_granularity(granularity, GRANULARITIES)
+        validate_fused(fused)
         self._optimizer = optimizer
         self._initializing = True
         # Optimizer.__init__ sets up the hook dictionaries and wraps step() so that step
-        # pre/post hooks fire; the throwaway group it builds is replaced by the inner's below.
+        # pre/post hooks fire; the throwaway group it builds is dropped right after.
         super().__init__([torch.empty(0)], {})
         self._initializing = False
-        self.clip_norm: float | None = clip_norm
-        self.start_step: int = int(start_step)
-        self.granularity: str = granularity
-        validate_fused(fused)
-        self.fused: bool | str = _fused_setting(fused)
+        del self._init_groups, self._init_state, self._init_defaults
+        self._clip_norm: float | None = clip_norm
+        self._start_step = int(start_step)
+        self._granularity = granularity
+        self._fused = _fused_setting(fused)
         self._step_count = 0
-        self._stash: dict[Tensor, Tensor | None] | None = None
-        self._stash_kind: str | None = None
-        self._stash_group: dict[str, Any] | None = None
-        self.last_stats: ReconstructionStats | None = None
+        self._last_stats: ReconstructionStats | None = None
+        self._last_segment_params: tuple[tuple[Tensor, ...], ...] | None = None
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        self._stash: dict[str, dict[Tensor, Tensor]] = {}  # kind -> parameter -> summed gradient
+        self._passes: dict[str, int] = {}  # kind -> stash calls since the last step
+        self._stash_version = 0
+        self._scaler_view: ScalerView | None = None
+        self._interrupted: str | None = None  # why step() and the stash are refused until zero_grad()
+
+    def _agr(self) -> AGROptimizer:
+        """The instance holding the state: ``self``, or the AGROptimizer held by a wrapper whose
+        class subclasses this one (Lightning's ``LightningOptimizer`` keeps it as ``_optimizer``)."""
+        inner = self.__dict__.get("_optimizer")
+        return inner._agr() if isinstance(inner, AGROptimizer) else self
 
     # ------------------------------------------------------------------ delegation
+    # Keyed on the ``_initializing`` flag only while it is set: a wrapper instance or a copy
+    # that lacks it delegates through its ``_optimizer`` (Lightning's reaches ours that way).
     @property
     def optimizer(self) -> Optimizer:
         """The inner optimizer."""
-        return self._optimizer
+        return self._agr()._optimizer
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        if self.__dict__.get("_initializing", True):
-            return self._init_groups
+        mine = self.__dict__
+        if mine.get("_initializing", False):
+            return mine["_init_groups"]
         groups = self._optimizer.param_groups
-        if self.__dict__.get("_stash") is None:
-            return groups
-        # While a gradient is stashed, GradScaler must unscale and inf-check it like
-        # ``.grad``; it only looks at ``param_groups``, so the stash is listed as one more
-        # group (a new list: the inner optimizer never sees it). See ``_amp.py``.
-        return [*groups, self._amp_stash_group()]
+        if mine.get("_stash") and asked_by_grad_scaler(_FORWARDING_CODE):
+            return [*groups, self._show_stash_to_scaler()]  # a new list: nobody else sees it (_amp.py)
+        return groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if self.__dict__.get("_initializing", True):
+        if self.__dict__.get("_initializing", False):
             self._init_groups = value
         else:
             self._optimizer.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
-        return self._optimizer.state if not self.__dict__.get("_initializing", True) else self._init_state
+        mine = self.__dict__
+        return mine["_init_state"] if mine.get("_initializing", False) else self._optimizer.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        if self.__dict__.get("_initializing", True):
+        if self.__dict__.get("_initializing", False):
             self._init_state = value
         else:
             self._optimizer.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self._optimizer.defaults if not self.__dict__.get("_initializing", True) else self._init_defaults
+        mine = self.__dict__
+        return mine["_init_defaults"] if mine.get("_initializing", False) else self._optimizer.defaults
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        if self.__dict__.get("_initializing", True):
+        if self.__dict__.get("_initializing", False):
             self._init_defaults = value
         else:
             self._optimizer.defaults = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer (and so to this wrapper)."""
-        if self.__dict__.get("_initializing", True):
+        if self.__dict__.get("_initializing", False):
             super().add_param_group(param_group)
         else:
             self._optimizer.add_param_group(param_group)
@@ -179,34 +222,97 @@ class AGROptimizer(Optimizer):
         return {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        for key in (*_TRANSIENT, "last_stats"):
-            state.setdefault(key, None)
+        state = {(f"_{k}" if k in (*_SETTINGS, "last_stats") else k): v for k, v in state.items()}
+        state.setdefault("_last_stats", None)
+        state.setdefault("_last_segment_params", None)
         # Optimizer.__setstate__ recreates the hook dictionaries and the step wrapper.
         super().__setstate__(state)
+        self._reset_transient()
 
     def __repr__(self) -> str:
         return (
             f"AGROptimizer(clip_norm={self.clip_norm}, start_step={self.start_step}, "
-            f"granularity={self.granularity!r}, fused={self.fused}, step_count={self._step_count})\n"
-            f"  wrapping {self._optimizer!r}"
+            f"granularity={self.granularity!r}, fused={self.fused}, step_count={self.step_count})\n"
+            f"  wrapping {self.optimizer!r}"
         )
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def clip_norm(self) -> float | None:
+        """Clip each segment's reconstructed gradient to this norm (``None``: no clipping)."""
+        return self._agr()._clip_norm
+
+    @clip_norm.setter
+    def clip_norm(self, value: float | None) -> None:
+        validate_clip_norm(value)
+        self._agr()._clip_norm = value
+
+    @property
+    def start_step(self) -> int:
+        """Number of initial steps whose update is the adversarial gradient alone."""
+        return self._agr()._start_step
+
+    @start_step.setter
+    def start_step(self, value: int) -> None:
+        _validate_start_step(value)
+        self._agr()._start_step = int(value)
+
+    @property
+    def granularity(self) -> str:
+        """The segments: ``"tensor"``, ``"group"`` or ``"global"``."""
+        return self._agr()._granularity
+
+    @granularity.setter
+    def granularity(self, value: str) -> None:
+        self._agr()._granularity = validate_granularity(value, GRANULARITIES)
+
+    @property
+    def fused(self) -> bool | str:
+        """The implementation: ``True`` (fused), ``False`` (the loop) or ``"compile"``."""
+        return self._agr()._fused
+
+    @fused.setter
+    def fused(self, value: bool | str) -> None:
+        validate_fused(value)
+        self._agr()._fused = _fused_setting(value)
 
     # ------------------------------------------------------------------ the AGR protocol
     @property
     def active(self) -> bool:
         """Whether the next :meth:`step` reconstructs (``False`` during the warm start)."""
-        return self._step_count >= self.start_step
+        agr = self._agr()
+        return agr._step_count >= agr._start_step
 
     @property
     def step_count(self) -> int:
         """Steps applied so far (saved and restored by the state dict)."""
-        return self._step_count
+        return self._agr()._step_count
 
     @property
     def has_stash(self) -> bool:
         """Whether a gradient is stashed for the next :meth:`step`."""
-        return self._stash is not None
+        return bool(self._agr()._stash)
+
+    @property
+    def last_stats(self) -> ReconstructionStats | None:
+        """:class:`~agr_optim.ReconstructionStats` of the last step that had both gradients.
+
+        ``None`` before one. Set by every reconstructing step and, during the warm start, by
+        every step that had a clean gradient too (stashed or current): then they describe the
+        reconstruction AGR would have made, while the update stays the adversarial gradient,
+        unclipped. Segments are listed by :attr:`last_segment_params`.
+        """
+        return self._agr()._last_stats
+
+    @property
+    def last_segment_params(self) -> tuple[tuple[Tensor, ...], ...] | None:
+        """The parameters of each segment of :attr:`last_stats`, one tuple per segment, in order.
+
+        ``"tensor"``: one parameter per segment, the parameters that had an adversarial gradient
+        in ``param_groups`` order; ``"group"``: the parameters with one, per group that had any;
+        ``"global"``: one tuple of them all. Set together with :attr:`last_stats`.
+        """
+        return self._agr()._last_segment_params
 
     def stash_clean(self) -> None:
         """Take the clean gradient out of ``.grad`` and keep it for :meth:`step`.
@@ -215,53 +321,90 @@ class AGROptimizer(Optimizer):
         ``None`` afterwards, so the adversarial backward starts from zero. No copy is made:
         the gradient tensors themselves are kept (except gradients that are views into a
         shared buffer, like DDP's ``gradient_as_bucket_view``, which the next backward pass
-        would overwrite).
+        would overwrite). With gradient accumulation, call it in every micro-batch, followed
+        by :meth:`stash_adversarial` after the adversarial backward pass: the stashes add up.
         """
-        self._take_stash("clean")
+        self._agr()._take_stash("clean")
 
     def stash_adversarial(self) -> None:
-        """Like :meth:`stash_clean` for the other order: adversarial backward first."""
-        self._take_stash("adversarial")
+        """Like :meth:`stash_clean` for the adversarial gradient (the other order, or the second
+        stash of a micro-batch under gradient accumulation)."""
+        self._agr()._take_stash("adversarial")
 
     def _take_stash(self, kind: str) -> None:
-        if self._stash is not None:
+        self._refuse_if_interrupted(f"stash_{kind}()")
+        other = KINDS[1 - KINDS.index(kind)]
+        if self._passes.get(kind, 0) > self._passes.get(other, 0):
             raise RuntimeError(
-                f"a {self._stash_kind} gradient is already stashed for this step; call step() or "
-                f"zero_grad() before stash_{kind}() again"
+                f"a {kind} gradient is already stashed for this step, and no {other} gradient was stashed "
+                f"after it. With gradient accumulation (accelerator.accumulate, or calling step() every k "
+                f"micro-batches), stash both gradients in every micro-batch: clean backward, stash_clean(), "
+                f"adversarial backward, stash_adversarial(); then step() ({_RECIPE}). Otherwise call step() or "
+                f"zero_grad() before stash_{kind}() again. Nothing was changed"
             )
-        params = [p for group in self._optimizer.param_groups for p in group["params"]]
+        stash = self._stash.get(kind, {})
+        params = self._unique_params()
         for index, p in enumerate(params):
             g = p.grad
-            if g is not None and (g.is_sparse or g.layout != torch.strided):
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
                 raise ValueError(
                     f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
                     "AGR supports dense gradients only"
                 )
-        stash: dict[Tensor, Tensor | None] = {}
+            old = stash.get(p)
+            if old is not None and (old.shape, old.dtype, old.device) != (g.shape, g.dtype, g.device):
+                raise RuntimeError(
+                    f"the gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, on {g.device}) does not "
+                    f"match its stashed {kind} gradient (shape {tuple(old.shape)}, {old.dtype}, on {old.device}): "
+                    "the model was moved or cast between micro-batches; call zero_grad() and redo them"
+                )
         for p in params:
-            if p in stash:
-                continue  # listed twice (torch warns): its gradient is already stashed
             g = p.grad
-            # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
-            # would be overwritten by the next backward pass, which writes into the same
-            # buffer: only such views are copied.
-            stash[p] = g.clone() if g is not None and g._is_view() else g
+            if g is None:
+                continue
+            old = stash.get(p)
+            if old is None:
+                # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
+                # would be overwritten by the next backward pass, which writes into the same
+                # buffer: only such views are copied.
+                stash[p] = g.clone() if g._is_view() else g
+            elif _overlaps(old):
+                stash[p] = old + g  # in-place writes into an expanded tensor are illegal
+            else:
+                old.add_(g)
             p.grad = None
-        self._stash, self._stash_kind = stash, kind
+        self._stash[kind] = stash
+        self._passes[kind] = self._passes.get(kind, 0) + 1
+        self._stash_version += 1
 
     def _drop_stash(self) -> None:
-        self._stash, self._stash_kind, self._stash_group = None, None, None
+        self._stash, self._passes, self._scaler_view = {}, {}, None
+        self._stash_version += 1
 
-    def _amp_stash_group(self) -> dict[str, Any]:
-        if self._stash_group is None:
-            assert self._stash is not None
-            self._stash_group = stash_group(self._stash, self._optimizer.param_groups)
-        return self._stash_group
+    def _unique_params(self) -> list[Tensor]:
+        """The parameters of the inner groups, each once (torch only warns on duplicates)."""
+        seen: dict[int, Tensor] = {}
+        for group in self._optimizer.param_groups:
+            for p in group["params"]:
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def _show_stash_to_scaler(self) -> dict[str, Any]:
+        stashed = [(p, g) for kind in KINDS for p, g in self._stash.get(kind, {}).items()]
+        current = tuple(p.grad for p in self._unique_params())
+        self._scaler_view = show_stash(
+            self._scaler_view, stashed, self._optimizer.param_groups, self._stash_version, current
+        )
+        return self._scaler_view.group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients through the inner optimizer, and drop any stash."""
-        self._drop_stash()
-        self._optimizer.zero_grad(set_to_none=set_to_none)
+        agr = self._agr()
+        agr._drop_stash()
+        agr._interrupted = None
+        agr._optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -270,160 +413,200 @@ class AGROptimizer(Optimizer):
         ``closure``, if given, is called first (with gradients enabled) and must run both
         backward passes and the stash itself; its return value is returned.
 
+        Everything is checked before anything is written; the inner ``step()`` is called once.
+        If it raises (or is interrupted), ``.grad`` already holds the reconstructed update, so
+        ``step()`` and the stash are refused, with a message, until :meth:`zero_grad`.
+
         Under ``GradScaler.step(opt)`` (the wrapper sets ``_step_supports_amp_scaling``), both
         gradients are unscaled here, and an inf or NaN in either skips the whole step: the
         parameters, the inner state and the step count stay as they are, the stash is dropped.
         """
+        agr = self._agr()
+        if agr is not self:
+            return agr.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         try:
-            # Everything is checked before anything changes.
-            self._check_stash()
-            init_step = self._is_state_init_step()
-            prepared = self._prepare() if self.active and not init_step else None
-            amp = read_scaler_request(self, self._stash_group, self._stash is not None)
-        except Exception:
+            plan = self._plan()
+        except BaseException:
             forget_scaler_request(self)  # GradScaler does not clean up when step() raises
             raise
-        if amp.found_inf:
-            self._drop_stash()
-            return loss
-        if amp.inv_scale is not None:
-            unscale_(self._all_gradients(), amp.inv_scale)
+        stats = None
+        if plan.mode != "skip":
+            try:
+                stats = self._apply(plan)
+                self._optimizer.step()
+            except BaseException as error:
+                forget_scaler_request(self)
+                self._interrupted = type(error).__name__
+                self._drop_stash()
+                raise
         # Attribute writes come after the inner step: under torch.compile the inner step's
         # graph break drops the writes made before it (seen with torch 2.13); .grad writes stay.
-        if prepared is not None:
-            stats = self._reconstruct(*prepared)
-            self._optimizer.step()
-            self.last_stats = stats
+        if plan.mode in ("reconstruct", "warm_start"):
             self._step_count += 1
-        elif init_step:
-            # torch.distributed.checkpoint initialises a fresh optimizer's state with a step
-            # on zero gradients at lr 0; it moves nothing, so it is passed to the inner
-            # optimizer and not counted.
-            self._optimizer.step()
-        else:
-            self._finish_warm_start()
-            self._optimizer.step()
-            self._step_count += 1
+        if stats is not None:
+            self._last_stats, self._last_segment_params = stats, plan.segment_params
         self._drop_stash()
         return loss
 
-    def _all_gradients(self) -> list[Tensor]:
-        grads = [p.grad for group in self._optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self._stash is not None:
-            grads += [g for g in self._stash.values() if g is not None]
-        unique = {id(g): g for g in grads}  # a parameter listed twice is unscaled once
-        return list(unique.values())
-
-    def _check_stash(self) -> None:
-        """A stash whose parameter moved (device, dtype or shape) since it was taken."""
-        if self._stash is None:
-            return
-        for index, (p, g) in enumerate(self._stash.items()):
-            if g is None:
-                continue
-            if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-                raise RuntimeError(
-                    f"the stashed {self._stash_kind} gradient of parameter {index} (shape {tuple(g.shape)}, "
-                    f"{g.dtype}, on {g.device}) no longer matches the parameter (shape {tuple(p.shape)}, "
-                    f"{p.dtype}, on {p.device}): the model was moved or cast after stash_{self._stash_kind}(); "
-                    "call zero_grad() and redo both backward passes"
-                )
-
-    def _is_state_init_step(self) -> bool:
-        """Whether this is torch.distributed.checkpoint's state-initialisation step.
-
-        ``get/set_optimizer_state_dict`` step a fresh optimizer (empty state, no gradient)
-        once with zero gradients and every lr set to 0. Only checked when no gradient is
-        stashed (otherwise an error), so the host sync below is off the training path.
-        """
-        if self._stash is not None or self._optimizer.state:
-            return False
-        groups = self._optimizer.param_groups
-        if not all(float(g["lr"]) == 0.0 for g in groups if "lr" in g):
-            return False
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
-        return not any(bool(local_tensor(g).count_nonzero()) for g in grads)
-
-    def _finish_warm_start(self) -> None:
-        """Warm start: the update is the adversarial gradient alone."""
-        if self._stash is not None and self._stash_kind == "adversarial":
-            for p, g in self._stash.items():
-                p.grad = g
-
-    def _pairs(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], int]:
-        """Parameters with an adversarial gradient, their (a, c) pairs and segment ids."""
-        if self._stash is None:
-            raise RuntimeError(
-                "AGROptimizer.step() found no stashed gradient: AGR is active (step "
-                f"{self._step_count} >= start_step {self.start_step}) and needs the clean gradient "
-                "stashed with stash_clean() (or the adversarial one with stash_adversarial()) "
-                "between the two backward passes"
-            )
-        stash, clean_first = self._stash, self._stash_kind == "clean"
-        params: list[Tensor] = []
-        adversarial: list[Tensor] = []
-        clean: list[Tensor | None] = []
-        segment_ids: list[int] = []
-        segment = -1
+    def _plan(self) -> _Plan:
+        """Check everything and decide the step; writes nothing (see ``step``)."""
+        self._refuse_if_interrupted("step()")
+        self._check_stash()
+        params = self._unique_params()
+        current = tuple(p.grad for p in params)
+        if not self._stash and self._is_state_init_step(current):
+            # torch.distributed.checkpoint initialises a fresh optimizer's state with a step
+            # on zero gradients at lr 0; it moves nothing, so it is passed to the inner
+            # optimizer and not counted.
+            return _Plan("init", [], [], [], [], 0, (), False, self._scaler_request(current).inv_scale)
+        adversarial_of, clean_of = self._sources()
+        mode = "reconstruct" if self.active else "warm_start"
+        grads: list[tuple[Tensor, Tensor | None]] = []
+        pairs: list[tuple[int, Tensor, Tensor | None]] = []  # (group index, parameter, clean)
         seen: set[int] = set()
-        for group in self._optimizer.param_groups:
-            group_has_grad = False
+        for group_index, group in enumerate(self._optimizer.param_groups):
             for p in group["params"]:
                 if id(p) in seen:
                     continue  # listed twice: reconstructed once (its .grad is shared)
                 seen.add(id(p))
-                current, stashed = p.grad, stash.get(p)
-                a, c = (current, stashed) if clean_first else (stashed, current)
-                if a is None:
-                    continue  # no adversarial gradient: the parameter stays frozen
-                if not group_has_grad and self.granularity == "group" or segment < 0:
-                    segment += 1
-                group_has_grad = True
-                params.append(p)
-                adversarial.append(a)
-                clean.append(c)
-                if self.granularity == "tensor":
-                    segment_ids.append(len(params) - 1)
-                else:
-                    segment_ids.append(segment)
-        if self.granularity == "global":
-            segment_ids = [0] * len(params)
-        num_segments = (max(segment_ids) + 1) if segment_ids else 0
-        return params, adversarial, clean, segment_ids, num_segments
-
-    def _prepare(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], int]:
-        params, adversarial, clean, segment_ids, num_segments = self._pairs()
-        try:
-            validate_gradients(adversarial, clean)
-        except ValueError as error:
-            raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
-        return params, adversarial, clean, segment_ids, num_segments
-
-    def _reconstruct(
-        self,
-        params: list[Tensor],
-        adversarial: list[Tensor],
-        clean: list[Tensor | None],
-        segment_ids: list[int],
-        num_segments: int,
-    ) -> ReconstructionStats:
-        # Non-stashed parameters keep no gradient unless they have an adversarial one.
-        assert self._stash is not None
-        all_params = list(self._stash)
-        _, stats = _run(
-            adversarial, clean, segment_ids, num_segments, self.clip_norm, self.fused, out=adversarial
+                a = adversarial_of(p)
+                grads.append((p, a))
+                if a is not None:
+                    pairs.append((group_index, p, clean_of(p)))
+        adversarial = [a for _, a in grads if a is not None]
+        clean = [c for _, _, c in pairs]
+        with_stats = mode == "reconstruct" or any(c is not None for c in clean)
+        if with_stats:
+            try:
+                validate_gradients(adversarial, clean)
+            except ValueError as error:
+                raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
+        if mode == "reconstruct" and any(map(_overlaps, adversarial)):
+            # Reconstructed in place below: an expanded gradient gets a dense copy first.
+            dense = {id(a): torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a)
+                     for a in adversarial if _overlaps(a)}
+            adversarial = [dense.get(id(a), a) for a in adversarial]
+            grads = [(p, a if a is None else dense.get(id(a), a)) for p, a in grads]
+        segment_ids = self._segment_ids([group_index for group_index, _, _ in pairs])
+        num_segments = max(segment_ids) + 1 if segment_ids else 0
+        members: list[list[Tensor]] = [[] for _ in range(num_segments)]
+        for segment, (_, p, _) in zip(segment_ids, pairs, strict=True):
+            members[segment].append(p)
+        amp = self._scaler_request(current)
+        return _Plan(
+            "skip" if amp.found_inf else mode, grads, adversarial, clean, segment_ids, num_segments,
+            tuple(map(tuple, members)), with_stats, amp.inv_scale,
         )
-        with_grad = set(map(id, params))
-        for p in all_params:
-            if id(p) not in with_grad:
-                p.grad = None
-        for p, r in zip(params, adversarial, strict=True):
-            p.grad = r
+
+    def _apply(self, plan: _Plan) -> ReconstructionStats | None:
+        """Unscale, reconstruct in place, set every ``.grad`` (the writes of a step)."""
+        if plan.inv_scale is not None:
+            tensors = [*plan.adversarial, *(c for c in plan.clean if c is not None)]
+            if plan.mode == "init":
+                tensors = [p.grad for p in self._unique_params() if p.grad is not None]
+            unique = {id(t): t for t in tensors}  # a parameter listed twice is unscaled once
+            unscale_(list(unique.values()), plan.inv_scale)
+        stats = None
+        if plan.with_stats:
+            out = plan.adversarial if plan.mode == "reconstruct" else None  # warm start: statistics only
+            _, stats = _run(
+                plan.adversarial, plan.clean, plan.segment_ids, plan.num_segments, self._clip_norm, self._fused,
+                out=out,
+            )
+        for p, g in plan.grads:
+            p.grad = g
         return stats
+
+    def _sources(self) -> tuple[Callable[[Tensor], Tensor | None], Callable[[Tensor], Tensor | None]]:
+        """Where each parameter's adversarial and clean gradients are, for this step."""
+        current = lambda p: p.grad  # noqa: E731
+        nothing = lambda p: None  # noqa: E731
+        kinds = [k for k in KINDS if k in self._stash]
+        has_current = any(p.grad is not None for p in self._unique_params())
+        if not kinds:
+            if self.active:
+                raise RuntimeError(
+                    "AGROptimizer.step() found no stashed gradient: AGR is active (step "
+                    f"{self._step_count} >= start_step {self._start_step}) and needs the clean gradient "
+                    "stashed with stash_clean() (or the adversarial one with stash_adversarial()) "
+                    "between the two backward passes"
+                )
+            return current, nothing  # warm start, adversarial pass only
+        if len(kinds) == 1:
+            kind = kinds[0]
+            if not has_current:
+                raise RuntimeError(
+                    f"AGROptimizer.step() found the stashed {kind} gradient but no current gradient on any "
+                    f"parameter: stash_{kind}() goes between the two backward passes (after the first), not "
+                    "after both. Nothing was changed; call zero_grad() and redo the step"
+                )
+            stashed = self._stash[kind].get
+            return (current, stashed) if kind == "clean" else (stashed, current)
+        counts = {k: self._passes.get(k, 0) for k in KINDS}
+        if counts["clean"] != counts["adversarial"] or has_current:
+            lagging = min(KINDS, key=lambda k: counts[k])
+            detail = (
+                f"{counts['clean']} clean and {counts['adversarial']} adversarial stashes; the last "
+                f"stash_{lagging}() is missing"
+                if counts["clean"] != counts["adversarial"]
+                else f"both gradients are stashed ({counts['clean']} of each) but .grad holds another gradient"
+            )
+            raise RuntimeError(
+                f"AGROptimizer.step() found {detail}. With gradient accumulation, every micro-batch stashes both "
+                f"gradients (stash_clean() after the clean backward, stash_adversarial() after the adversarial "
+                f"one) and no backward pass follows the last stash ({_RECIPE}). Nothing was changed"
+            )
+        return self._stash["adversarial"].get, self._stash["clean"].get
+
+    def _segment_ids(self, groups: list[int]) -> list[int]:
+        """Segment of each pair, from the param group of each (in ``param_groups`` order)."""
+        if self._granularity == "tensor":
+            return list(range(len(groups)))
+        if self._granularity == "global":
+            return [0] * len(groups)
+        order = {g: i for i, g in enumerate(dict.fromkeys(groups))}  # groups without a gradient skipped
+        return [order[g] for g in groups]
+
+    def _scaler_request(self, current: tuple[Tensor | None, ...]):  # -> ScalerRequest
+        return read_scaler_request(self, self._scaler_view, bool(self._stash), self._stash_version, current)
+
+    def _refuse_if_interrupted(self, what: str) -> None:
+        if self._interrupted is not None:
+            raise RuntimeError(
+                f"{what} refused: the previous step() was interrupted ({self._interrupted}) after the gradients "
+                "were reconstructed in place, so .grad holds the update, not a fresh gradient (and the inner "
+                "optimizer may have moved some parameters); retrying would reconstruct it twice. Call "
+                "zero_grad() and redo both backward passes"
+            )
+
+    def _check_stash(self) -> None:
+        """A stash whose parameter moved (device, dtype or shape) since it was taken."""
+        for kind, stash in self._stash.items():
+            for index, (p, g) in enumerate(stash.items()):
+                if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+                    raise RuntimeError(
+                        f"the stashed {kind} gradient of parameter {index} (shape {tuple(g.shape)}, "
+                        f"{g.dtype}, on {g.device}) no longer matches the parameter (shape {tuple(p.shape)}, "
+                        f"{p.dtype}, on {p.device}): the model was moved or cast after stash_{kind}(); "
+                        "call zero_grad() and redo both backward passes"
+                    )
+
+    def _is_state_init_step(self, current: tuple[Tensor | None, ...]) -> bool:
+        """Whether this is torch.distributed.checkpoint's state-initialisation step.
+
+        ``get/set_optimizer_state_dict`` step a fresh optimizer (empty state, no gradient)
+        once with zero gradients and every lr set to 0. Only checked when no gradient is
+        stashed, so the host sync below is off the training path.
+        """
+        if self._optimizer.state:
+            return False
+        if not all(float(g["lr"]) == 0.0 for g in self._optimizer.param_groups if "lr" in g):
+            return False
+        return not any(bool(local_tensor(g).count_nonzero()) for g in current if g is not None)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -432,8 +615,12 @@ class AGROptimizer(Optimizer):
         The wrapper's entry (``"agr"``: step count and settings) sits in each saved param
         group, so it survives tools that keep only ``"state"`` and ``"param_groups"``
         (``torch.distributed.checkpoint``). Everything is plain Python or tensors:
-        ``torch.load(..., weights_only=True)`` reads it.
+        ``torch.load(..., weights_only=True)`` reads it. To load it into a plain optimizer,
+        pass it through :func:`~agr_optim.strip_agr_state` first.
         """
+        agr = self._agr()
+        if agr is not self:
+            return agr.state_dict()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._optimizer.state_dict()
@@ -448,38 +635,77 @@ class AGROptimizer(Optimizer):
     def _agr_state(self) -> dict[str, Any]:
         return {
             "step": self._step_count,
-            "clip_norm": self.clip_norm,
-            "start_step": self.start_step,
-            "granularity": self.granularity,
-            "fused": self.fused,
+            "clip_norm": self._clip_norm,
+            "start_step": self._start_step,
+            "granularity": self._granularity,
+            "fused": self._fused,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict` (or a plain inner-optimizer one).
 
-        A plain optimizer state dict (no ``"agr"`` entry, e.g. a checkpoint of the warm-start
-        run) loads the inner state and leaves the wrapper's step count and settings as they are.
+        The checkpoint's step count and settings replace the wrapper's (they stay assignable
+        afterwards). A plain optimizer state dict (no ``"agr"`` entry, e.g. a checkpoint of the
+        warm-start run) loads the inner state and leaves the wrapper's step count and settings
+        as they are. A malformed ``"agr"`` entry raises ``ValueError`` naming it, before
+        anything (inner optimizer or wrapper) changes. Any stash is dropped.
         """
+        agr = self._agr()
+        if agr is not self:
+            return agr.load_state_dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list):
-            raise ValueError("state_dict has no 'param_groups' list")
-        mine = _read_agr_state(groups)
-        inner = dict(state_dict)
-        inner["param_groups"] = [{k: v for k, v in g.items() if k != _STATE_KEY} for g in groups]
-        self._optimizer.load_state_dict(inner)
+        mine = _read_agr_state(state_dict)
+        self._optimizer.load_state_dict(strip_agr_state(state_dict))
         if mine is not None:
-            self._step_count = mine["step"]
-            self.clip_norm = mine["clip_norm"]
-            self.start_step = mine["start_step"]
-            self.granularity = mine["granularity"]
-            self.fused = mine["fused"]
+            for key, value in mine.items():
+                setattr(self, "_step_count" if key == "step" else f"_{key}", value)
         self._drop_stash()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+#: The getters a wrapper around the wrapper forwards ``param_groups`` through (see _amp.py).
+_FORWARDING_CODE = (AGROptimizer.param_groups.fget.__code__,)  # type: ignore[attr-defined]
+
+
+def strip_agr_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an :class:`AGROptimizer` state dict without the wrapper's ``"agr"`` entries.
+
+    Loads into the plain inner optimizer (``torch.optim.SGD.load_state_dict`` would otherwise
+    keep ``"agr"`` as one more key of every param group). Only the dict and its groups are new;
+    the state tensors are shared. A state dict without the entries comes back equal.
+
+    Example:
+        >>> import torch
+        >>> from agr_optim import AGROptimizer, strip_agr_state
+        >>> params = torch.nn.Linear(2, 1).parameters()
+        >>> saved = AGROptimizer(torch.optim.SGD(params, lr=0.1)).state_dict()
+        >>> "agr" in saved["param_groups"][0], "agr" in strip_agr_state(saved)["param_groups"][0]
+        (True, False)
+    """
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError("state_dict must be a dict with a 'param_groups' list (an optimizer's state_dict())")
+    groups = state_dict["param_groups"]
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise ValueError(f"state_dict's param_groups[{index}] is a {type(group).__name__}; expected a dict")
+    return {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != _STATE_KEY} for g in groups]}
+
+
+def _requires_closure(optimizer: Optimizer) -> bool:
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: assume a plain step()
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Whether ``t`` has elements sharing memory (``expand``): torch refuses in-place writes."""
+    return torch._debug_has_internal_overlap(local_tensor(t)) != 0
 
 
 def _fused_setting(fused: object) -> bool | str:
@@ -487,28 +713,55 @@ def _fused_setting(fused: object) -> bool | str:
     return "compile" if fused == "compile" else bool(fused)
 
 
-def _validate_start_step(start_step: object) -> None:
+def _validate_start_step(start_step: object, name: str = "start_step") -> None:
     if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or int(start_step) < 0:
-        raise ValueError(f"Invalid start_step: {start_step!r}; expected an integer >= 0")
+        raise ValueError(f"Invalid {name}: {start_step!r}; expected an integer >= 0")
 
 
-def _read_agr_state(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _read_agr_state(state_dict: object) -> dict[str, Any] | None:
     """The wrapper entry of a saved state dict, validated; ``None`` if there is none."""
-    entries = [g.get(_STATE_KEY) for g in groups if isinstance(g, dict)]
-    present = [e for e in entries if e is not None]
+    strip_agr_state(state_dict)  # type: ignore[arg-type]  # the container checks
+    groups: list[dict[str, Any]] = state_dict["param_groups"]  # type: ignore[index]
+    present = [i for i, g in enumerate(groups) if _STATE_KEY in g]
     if not present:
         return None
-    mine = present[0]
-    if not isinstance(mine, dict):
-        raise ValueError(f"state_dict's {_STATE_KEY!r} entry must be a dict, got {type(mine).__name__}")
-    expected = {"step", "clip_norm", "start_step", "granularity", "fused"}
-    if set(mine) != expected:
-        raise ValueError(f"state_dict's {_STATE_KEY!r} entry has keys {sorted(mine)}; expected {sorted(expected)}")
-    step = mine["step"]
-    if isinstance(step, Tensor):
-        step = int(step.item())
-    _validate_start_step(step)
-    validate_clip_norm(mine["clip_norm"])
-    _validate_start_step(mine["start_step"])
-    validate_granularity(mine["granularity"], GRANULARITIES)
-    return {**mine, "step": int(step), "start_step": int(mine["start_step"]), "fused": _fused_setting(mine["fused"])}
+    if len(present) != len(groups):
+        missing = sorted(set(range(len(groups))) - set(present))
+        raise ValueError(
+            f"state_dict's param groups {missing} lack the {_STATE_KEY!r} entry that the others carry "
+            "(AGROptimizer.state_dict() writes it into every group)"
+        )
+    entries = [_read_agr_entry(groups[i][_STATE_KEY], f"param_groups[{i}][{_STATE_KEY!r}]") for i in present]
+    if any(e != entries[0] for e in entries):
+        raise ValueError(f"state_dict's param groups carry different {_STATE_KEY!r} entries: {entries}")
+    return entries[0]
+
+
+def _read_agr_entry(entry: object, name: str) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"state_dict's {name} entry must be a dict, got {type(entry).__name__}")
+    expected = {"step", *_SETTINGS}
+    if set(entry) != expected:
+        raise ValueError(f"state_dict's {name} entry has keys {sorted(entry)}; expected {sorted(expected)}")
+    try:
+        step, start_step = _integer(entry["step"], "step"), _integer(entry["start_step"], "start_step")
+        validate_clip_norm(entry["clip_norm"])
+        granularity = validate_granularity(entry["granularity"], GRANULARITIES)
+        fused = entry["fused"]
+        if not (isinstance(fused, bool) or (isinstance(fused, str) and fused == "compile")):
+            raise ValueError(f"Invalid fused: {fused!r}; expected True, False or 'compile'")
+    except ValueError as error:
+        raise ValueError(f"state_dict's {name} entry: {error}") from None
+    return {"step": step, "clip_norm": entry["clip_norm"], "start_step": start_step, "granularity": granularity,
+            "fused": fused}
+
+
+def _integer(value: object, key: str) -> int:
+    """An int >= 0, or a one-element tensor of an integer dtype holding one (never truncated)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"Invalid {key}: {value!r}; expected an integer >= 0 (an int or a one-element integer "
+                             "tensor)")
+        value = int(value.item())
+    _validate_start_step(value, key)
+    return int(value)  # type: ignore[call-overload]

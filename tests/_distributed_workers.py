@@ -163,7 +163,7 @@ def fsdp_grad_scaler(rank: int, batches) -> None:
     scaler.scale(F.mse_loss(model(x), y)).backward()
     opt.stash_clean()
     if rank == 0:  # an inf in rank 0's shard of the stashed gradient only
-        stashed = next(g for g in opt._stash.values() if g is not None)
+        stashed = next(g for g in opt._stash["clean"].values() if g is not None)
         stashed.to_local().view(-1)[0] = float("inf")
     scaler.scale(F.mse_loss(model(x_adv), y)).backward()
     scaler.step(opt)

@@ -76,7 +76,7 @@ def test_accumulation_before_the_stash_is_kept_and_after_it_starts_from_zero():
     opt.stash_clean()
     assert all(p.grad is None for p in params)
     for p, h0, h1 in zip(params, *halves, strict=True):
-        torch.testing.assert_close(opt._stash[p], h0 + h1, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt._stash["clean"][p], h0 + h1, rtol=1e-6, atol=1e-7)
     accumulate(model, x_adv, y, 2)
     adversarial = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
     for p, a in zip(params, adversarial, strict=True):

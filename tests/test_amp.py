@@ -123,7 +123,7 @@ def test_inf_or_nan_in_either_gradient_skips_the_step(where, value, unscale_firs
     scaler.scale(F.mse_loss(model(x), y)).backward()
     opt.stash_clean()
     scaler.scale(F.mse_loss(model(x_adv), y)).backward()
-    grad = next(iter(opt._stash.values())) if where == "stash" else next(model.parameters()).grad
+    grad = next(iter(opt._stash["clean"].values())) if where == "stash" else next(model.parameters()).grad
     grad.view(-1)[0] = value
     if unscale_first:
         scaler.unscale_(opt)
@@ -169,40 +169,60 @@ def test_stash_unscaled_under_another_scale_is_refused():
     scaler.unscale_(opt)
     scaler.update(SCALE / 4)
     before = snapshot(model, opt)
-    stash = [g.clone() for g in opt._stash.values()]
+    stash = [g.clone() for g in opt._stash["clean"].values()]
     with pytest.raises(RuntimeError, match="unscaled by scaler.unscale_\\(\\) under scale 4096"):
         scaler.step(opt)
     assert_unchanged(before, model, opt)
-    assert all(torch.equal(g, h) for g, h in zip(opt._stash.values(), stash, strict=True))
+    assert all(torch.equal(g, h) for g, h in zip(opt._stash["clean"].values(), stash, strict=True))
 
 
-def test_stash_group_is_visible_to_grad_scaler_only_while_stashed():
+def test_only_grad_scaler_sees_the_stash():
+    """Between the stash and step() everyone but GradScaler (schedulers, clipping, loops over the
+    groups) sees the inner optimizer's groups; GradScaler's unscale_ unscales the stash too."""
     model = make_model()
     opt = wrap(model)
     inner_groups = opt.optimizer.param_groups
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     x, x_adv, y = batches(1)[0]
     opt.zero_grad()
-    F.mse_loss(model(x), y).backward()
+    scaler.scale(F.mse_loss(model(x), y)).backward()
+    clean = [p.grad.clone() for p in model.parameters()]
     opt.stash_clean()
-    groups = opt.param_groups
-    assert len(groups) == 2 and groups[-1]["agr_stash"] and groups[:1] == inner_groups
-    assert opt.optimizer.param_groups is inner_groups and len(inner_groups) == 1
-    # The aliases share the parameters' storage and carry the stashed gradients.
-    aliases = groups[-1]["params"][:-1]
-    assert [a.data_ptr() for a in aliases] == [p.data_ptr() for p in model.parameters()]
-    assert [a.grad for a in aliases] == list(opt._stash.values())
-    assert len(opt.state_dict()["param_groups"]) == 1
-    F.mse_loss(model(x_adv), y).backward()
-    opt.step()
-    scheduler.step()
-    assert opt.param_groups is inner_groups and inner_groups[0]["lr"] == LR / 2
-    for drop in (lambda: opt.zero_grad(), lambda: opt.load_state_dict(opt.state_dict())):
-        F.mse_loss(model(x), y).backward()
-        opt.stash_clean()
-        assert len(opt.param_groups) == 2
-        drop()
-        assert opt.param_groups is opt.optimizer.param_groups and len(opt.param_groups) == 1
+    assert opt.param_groups is inner_groups and len(opt.state_dict()["param_groups"]) == 1
+    scaler.scale(F.mse_loss(model(x_adv), y)).backward()
+    adversarial = [p.grad.clone() for p in model.parameters()]
+    scaler.unscale_(opt)
+    # Unscaling by a power of two is exact: both gradients are divided by exactly SCALE.
+    assert all(torch.equal(g, c / SCALE) for g, c in zip(opt._stash["clean"].values(), clean, strict=True))
+    assert all(torch.equal(p.grad, a / SCALE) for p, a in zip(model.parameters(), adversarial, strict=True))
+    assert opt.param_groups is inner_groups and len(inner_groups) == 1
+    scaler.step(opt)
+    scaler.update()
+    assert opt.step_count == 1 and not opt.has_stash and opt.param_groups is inner_groups
+
+
+@pytest.mark.parametrize("order", ["clean", "adversarial"])
+def test_unscale_between_the_two_backward_passes_is_refused(order):
+    """unscale_() after the stash but before the second backward: the stash is unscaled and the
+    second gradient is not (the update would be off by the scale): refused, nothing changed."""
+    model = make_model()
+    opt = wrap(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    train(model, opt, batches(1))
+    x, x_adv, y = batches(2)[1]
+    first, second = (x, x_adv) if order == "clean" else (x_adv, x)
+    opt.zero_grad()
+    scaler.scale(F.mse_loss(model(first), y)).backward()
+    opt.stash_clean() if order == "clean" else opt.stash_adversarial()
+    scaler.unscale_(opt)
+    scaler.scale(F.mse_loss(model(second), y)).backward()
+    before = snapshot(model, opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) ran between the two backward passes.*once, after"):
+        scaler.step(opt)
+    assert_unchanged(before, model, opt)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert opt.has_stash and not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
 
 
 def test_stash_of_a_moved_or_cast_parameter_is_refused():
@@ -225,7 +245,7 @@ def test_stash_of_a_moved_or_cast_parameter_is_refused():
     # Another device: a CPU-only machine cannot move a parameter between devices in place,
     # so the stash is put where a stash taken before `model.to(device)` would be.
     p0 = next(model.parameters())
-    opt._stash[p0] = opt._stash[p0].to("meta")
+    opt._stash["clean"][p0] = opt._stash["clean"][p0].to("meta")
     F.mse_loss(model(x_adv.double()), y.double()).backward()
     with pytest.raises(RuntimeError, match="on meta.*on cpu.*moved or cast"):
         opt.step()

@@ -350,6 +350,14 @@ MALFORMED = {
     "bad-clip": lambda e: {**e, "clip_norm": -1.0},
     "nan-clip": lambda e: {**e, "clip_norm": math.nan},
     "not-a-dict": lambda e: [1, 2],
+    "fused-banana": lambda e: {**e, "fused": "banana"},
+    "fused-int": lambda e: {**e, "fused": 1},
+    "fractional-step-tensor": lambda e: {**e, "step": torch.tensor(2.7)},
+    "float-step-tensor": lambda e: {**e, "step": torch.tensor(2.0)},
+    "vector-step": lambda e: {**e, "step": torch.tensor([1, 2])},
+    "bool-step": lambda e: {**e, "step": True},
+    "float-start-step": lambda e: {**e, "start_step": 1.0},
+    "string-clip": lambda e: {**e, "clip_norm": "0.1"},
 }
 
 
@@ -364,13 +372,41 @@ def test_malformed_agr_entry_raises_and_changes_nothing(corrupt) -> None:
     sd["param_groups"] = [{**g, "agr": corrupt(g["agr"])} for g in sd["param_groups"]]
     before_state = copy.deepcopy(opt.optimizer.state_dict())
     before_settings = (opt.step_count, opt.clip_norm, opt.start_step, opt.granularity, opt.fused)
-    with pytest.raises(ValueError, match="agr|clip_norm|granularity|start_step|Invalid"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['agr'\] entry"):
         opt.load_state_dict(sd)
     assert (opt.step_count, opt.clip_norm, opt.start_step, opt.granularity, opt.fused) == before_settings
     after_state = opt.optimizer.state_dict()
     assert after_state["param_groups"] == before_state["param_groups"]
     for k, v in before_state["state"].items():
         assert torch.equal(after_state["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+GROUP_CORRUPTIONS = {
+    "group-is-a-list": lambda groups: [list(groups[0].items()), *groups[1:]],
+    "entry-in-one-group-only": lambda groups: [groups[0], {k: v for k, v in groups[1].items() if k != "agr"}],
+    "entries-differ": lambda groups: [groups[0], {**groups[1], "agr": {**groups[1]["agr"], "step": 3}}],
+}
+
+
+@pytest.mark.parametrize("corrupt", GROUP_CORRUPTIONS.values(), ids=GROUP_CORRUPTIONS.keys())
+def test_malformed_param_groups_raise_and_change_nothing(corrupt) -> None:
+    model, opt, _, _ = make_pair("SGD", clip_norm=0.1, start_step=1)
+    for step in range(2):
+        wrapper_step(model, opt, step, "clean_first")
+    sd = opt.state_dict()
+    sd["param_groups"] = corrupt(sd["param_groups"])
+    before = _state(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] is a list|param groups \[1\] lack|different 'agr'"):
+        opt.load_state_dict(sd)
+    _assert_state_unchanged(before, model, opt)
+
+
+def test_integral_step_tensor_loads() -> None:
+    model, opt, _, _ = make_pair("SGD")
+    sd = opt.state_dict()
+    sd["param_groups"] = [{**g, "agr": {**g["agr"], "step": torch.tensor(7)}} for g in sd["param_groups"]]
+    opt.load_state_dict(sd)
+    assert opt.step_count == 7 and type(opt.step_count) is int
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -481,18 +517,19 @@ def test_step_without_stash_while_active_raises_and_changes_nothing() -> None:
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("first, second", [("clean", "clean"), ("clean", "adversarial"), ("adversarial", "clean")])
-def test_stash_twice_raises_and_changes_nothing(first: str, second: str) -> None:
+@pytest.mark.parametrize("kind", ["clean", "adversarial"])
+def test_stash_twice_raises_and_changes_nothing(kind: str) -> None:
+    """The same kind twice without the other in between: refused, naming gradient accumulation."""
     model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
     x, x_adv, y = batch(0)
     opt.zero_grad()
-    loss(model, x if first == "clean" else x_adv, y, first == "adversarial").backward()
-    getattr(opt, f"stash_{first}")()
-    loss(model, x_adv if first == "clean" else x, y, first == "clean").backward()
+    loss(model, x if kind == "clean" else x_adv, y, kind == "adversarial").backward()
+    getattr(opt, f"stash_{kind}")()
+    loss(model, x_adv if kind == "clean" else x, y, kind == "clean").backward()
     before = _state(model, opt)
     grad_values = snapshot([p.grad for p in model.parameters()])
-    with pytest.raises(RuntimeError, match=f"{first} gradient is already stashed"):
-        getattr(opt, f"stash_{second}")()
+    with pytest.raises(RuntimeError, match=f"{kind} gradient is already stashed.*gradient accumulation"):
+        getattr(opt, f"stash_{kind}")()
     _assert_state_unchanged(before, model, opt)
     for p, g in zip(model.parameters(), grad_values, strict=True):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
@@ -500,6 +537,24 @@ def test_stash_twice_raises_and_changes_nothing(first: str, second: str) -> None
     opt.step()
     hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
     assert_same_params(model, twin)
+
+
+@pytest.mark.parametrize("first", ["clean", "adversarial"])
+def test_both_gradients_stashed_step_equals_the_plain_protocol(first: str) -> None:
+    """The accumulation protocol with one micro-batch: both stashed, .grad empty, the same step."""
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    x, x_adv, y = batch(0)
+    second = "adversarial" if first == "clean" else "clean"
+    opt.zero_grad()
+    loss(model, x if first == "clean" else x_adv, y, first == "adversarial").backward()
+    getattr(opt, f"stash_{first}")()
+    loss(model, x_adv if first == "clean" else x, y, first == "clean").backward()
+    getattr(opt, f"stash_{second}")()
+    assert all(p.grad is None for p in model.parameters()) and opt.has_stash
+    opt.step()
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
+    assert_same_params(model, twin)
+    assert not opt.has_stash and opt.step_count == 1
 
 
 CONSTRUCTOR_ERRORS = [
@@ -616,3 +671,208 @@ def test_parameter_listed_twice_keeps_its_clean_gradient():
     opt.step()
     # SGD steps a duplicated parameter once per listing: w - 2 * r.
     torch.testing.assert_close(w.detach(), torch.tensor([0.0, -1.0]))
+
+
+# --------------------------------------------------------------------------- protocol edges (issue 9)
+@pytest.mark.parametrize("start_step", [0, 5], ids=["active", "warm-start"])
+def test_group_added_after_stash_adversarial_does_not_move(start_step: int) -> None:
+    """A parameter with no adversarial gradient gets grad None and stays, even with a clean one."""
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1, start_step=start_step)
+    extra = nn.Parameter(torch.ones(3))
+    x, x_adv, y = batch(0)
+    opt.zero_grad()
+    loss(model, x_adv, y, True).backward()
+    opt.stash_adversarial()
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    (loss(model, x, y, False) + 2 * extra.sum()).backward()  # the clean pass reaches it
+    opt.step()
+    assert torch.equal(extra.detach(), torch.ones(3)) and extra.grad is None
+    assert extra not in opt.optimizer.state or not opt.optimizer.state[extra]
+    hand_step(twin, inner, 0, start_step=start_step, clip_norm=0.1, granularity="tensor")
+    assert_same_params(model, twin)
+
+
+def _one_pair(opt: AGROptimizer, model: Net, step: int) -> None:
+    x, x_adv, y = batch(step)
+    opt.zero_grad()
+    loss(model, x, y, False).backward()
+    opt.stash_clean()
+    loss(model, x_adv, y, True).backward()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_step_refuses_a_retry_until_zero_grad(error: type[BaseException]) -> None:
+    """The inner step raising after the reconstruction: a retry would reconstruct twice."""
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    failing = [True]
+
+    def pre_hook(optimizer, args, kwargs):
+        if failing[0]:
+            raise error("interrupted in the inner step")
+
+    opt.optimizer.register_step_pre_hook(pre_hook)
+    _one_pair(opt, model, 0)
+    before = snapshot(list(model.parameters()))
+    with pytest.raises(error):
+        opt.step()
+    failing[0] = False
+    for retry in (opt.step, opt.stash_clean, opt.stash_adversarial):
+        with pytest.raises(RuntimeError, match="interrupted.*reconstruct it twice.*zero_grad"):
+            retry()
+    assert opt.step_count == 0 and opt.last_stats is None
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True))
+    _one_pair(opt, model, 0)  # zero_grad() and both passes again: the step is the right one
+    opt.step()
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
+    assert_same_params(model, twin)
+    assert opt.step_count == 1
+
+
+def test_an_optimizer_whose_step_needs_a_closure_is_refused() -> None:
+    model = Net()
+    inner = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(TypeError, match="LBFGS's step\\(\\) requires a closure"):
+        AGROptimizer(inner)
+
+
+@pytest.mark.parametrize("which", ["adversarial", "clean"])
+def test_expanded_gradient_is_reconstructed_exactly(which: str) -> None:
+    """An expanded .grad (internally overlapping: no in-place write allowed) is handled whole."""
+    w = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))]
+    opt = AGROptimizer(torch.optim.SGD(w, lr=1.0), clip_norm=0.5)
+    clean = [torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([-1.0, 1.0, 2.0, 0.0])]
+    adversarial = [torch.tensor([2.0, 1.0, -1.0, 0.5]), torch.tensor([0.5, -3.0, 1.0, 1.0])]
+    expanded = torch.full((1,), 0.75).expand(4)
+    (clean if which == "clean" else adversarial)[1] = expanded
+    for p, g in zip(w, clean, strict=True):
+        p.grad = g if g is expanded else g.clone()
+    opt.stash_clean()
+    for p, g in zip(w, adversarial, strict=True):
+        p.grad = g if g is expanded else g.clone()
+    opt.step()
+    r, _ = reference_agr(adversarial, clean, clip_norm=0.5, segments=[0, 1])
+    for p, ri in zip(w, r, strict=True):
+        torch.testing.assert_close(p.detach().double(), torch.from_numpy(-ri), rtol=1e-6, atol=1e-7)
+    assert torch.equal(expanded, torch.full((4,), 0.75))  # the user's tensor is left alone
+
+
+@pytest.mark.parametrize("start_step", [0, 5], ids=["active", "warm-start"])
+def test_stash_after_both_backward_passes_is_refused(start_step: int) -> None:
+    """stash_clean() after both passes leaves no current gradient: refused, nothing changed."""
+    model, opt, _, _ = make_pair("SGD", clip_norm=0.1, start_step=start_step)
+    x, x_adv, y = batch(0)
+    opt.zero_grad()
+    loss(model, x, y, False).backward()
+    loss(model, x_adv, y, True).backward()
+    opt.stash_clean()
+    before = _state(model, opt)
+    with pytest.raises(RuntimeError, match=r"no current gradient.*stash_clean\(\) goes between the two backward"):
+        opt.step()
+    _assert_state_unchanged(before, model, opt)
+
+
+SETTING_ERRORS = [
+    ("clip_norm", -0.1), ("clip_norm", 0), ("clip_norm", math.nan), ("clip_norm", True), ("granularity", "Tensor"),
+    ("granularity", None), ("fused", "banana"), ("start_step", -1), ("start_step", 1.5),
+]
+
+
+@pytest.mark.parametrize("name, value", SETTING_ERRORS, ids=[f"{n}={v!r}" for n, v in SETTING_ERRORS])
+def test_assigned_settings_are_validated(name: str, value: object) -> None:
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    with pytest.raises(ValueError, match=f"Invalid {name}: "):
+        setattr(opt, name, value)
+    assert (opt.clip_norm, opt.start_step, opt.granularity, opt.fused) == (0.1, 0, "tensor", True)
+    wrapper_step(model, opt, 0, "clean_first")  # the step still uses the valid settings
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
+    assert_same_params(model, twin)
+
+
+def test_settings_are_assignable_and_the_checkpoint_wins_on_load() -> None:
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    saved = opt.state_dict()
+    opt.clip_norm, opt.granularity, opt.start_step, opt.fused = 0.05, "global", 0, False
+    assert (opt.clip_norm, opt.granularity, opt.fused) == (0.05, "global", False)
+    wrapper_step(model, opt, 0, "clean_first")
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.05, granularity="global")
+    assert_same_params(model, twin)
+    assert opt.state_dict()["param_groups"][0]["agr"]["clip_norm"] == 0.05
+    opt.load_state_dict(saved)
+    assert (opt.clip_norm, opt.granularity, opt.fused, opt.step_count) == (0.1, "tensor", True, 0)
+    opt.clip_norm = 0.2  # still assignable after a load
+    assert opt.clip_norm == 0.2 and copy.deepcopy(opt).clip_norm == 0.2
+
+
+@pytest.mark.parametrize("when", ["step", "build"])
+def test_lr_scheduler_while_a_gradient_is_stashed(when: str) -> None:
+    """Schedulers see exactly the inner groups, stash or not (no KeyError from a stash group)."""
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if when == "step" else None
+    x, x_adv, y = batch(0)
+    opt.zero_grad()
+    loss(model, x, y, False).backward()
+    opt.stash_clean()
+    if scheduler is None:
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        lrs = [0.1, 0.1]
+    else:
+        with pytest.warns(UserWarning, match="lr_scheduler.step\\(\\)` before `optimizer.step"):
+            scheduler.step()
+        lrs = [0.05, 0.05]
+    assert [g["lr"] for g in opt.optimizer.param_groups] == pytest.approx(lrs)
+    loss(model, x_adv, y, True).backward()
+    opt.step()
+    for g, lr in zip(inner.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
+    assert_same_params(model, twin)
+
+
+def test_warm_start_with_a_clean_stash_sets_statistics_only() -> None:
+    """In the warm start a stashed clean gradient gives last_stats; the update stays a, unclipped."""
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.05, start_step=3)
+    x, x_adv, y = batch(0)
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    c = torch.autograd.grad(loss(model, x, y, False), params, allow_unused=True)
+    a = torch.autograd.grad(loss(model, x_adv, y, True), params, allow_unused=True)
+    opt.zero_grad()
+    loss(model, x, y, False).backward()
+    opt.stash_clean()
+    loss(model, x_adv, y, True).backward()
+    opt.step()
+    hand_step(twin, inner, 0, start_step=3, clip_norm=0.05, granularity="tensor")
+    assert_same_params(model, twin)
+    keep = [i for i, g in enumerate(a) if g is not None]
+    _, refs = reference_agr([a[i] for i in keep], [c[i] for i in keep], clip_norm=0.05, segments=range(len(keep)))
+    assert opt.step_count == 1 and not opt.active
+    check_stats(opt.last_stats, refs, 0.05, rounding_bound([torch.float32], sum(a[i].numel() for i in keep)))
+    assert opt.last_segment_params == tuple((params[i],) for i in keep)
+
+
+def test_copy_and_wrapper_subclass_instances_delegate() -> None:
+    """copy.copy shares the inner optimizer, as a copy of any wrapper would."""
+    model, opt, _, _ = make_pair("SGD")
+    shallow = copy.copy(opt)
+    assert shallow.param_groups is opt.optimizer.param_groups and shallow.state is opt.optimizer.state
+    assert shallow.defaults is opt.optimizer.defaults and not shallow.has_stash
+
+
+def test_strip_agr_state_loads_into_a_plain_optimizer() -> None:
+    from agr_optim import strip_agr_state
+
+    model, opt, twin, inner = make_pair("SGD", clip_norm=0.1)
+    wrapper_step(model, opt, 0, "clean_first")
+    hand_step(twin, inner, 0, start_step=0, clip_norm=0.1, granularity="tensor")
+    saved = opt.state_dict()
+    plain = OPTIMIZERS["SGD"](twin.groups())
+    plain.load_state_dict(strip_agr_state(saved))
+    assert all("agr" not in g for g in plain.param_groups)
+    assert all("agr" in g for g in saved["param_groups"])  # the argument is left as it was
+    assert [{k: v for k, v in g.items() if k != "params"} for g in plain.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in inner.param_groups
+    ]
+    for s, t in zip(plain.state.values(), opt.optimizer.state.values(), strict=True):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+    for bad in ([1, 2], {"state": {}}, {"param_groups": [[1]]}):
+        with pytest.raises(ValueError, match="param_groups"):
+            strip_agr_state(bad)  # type: ignore[arg-type]
