@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from agr_optim.models import (
@@ -117,6 +118,78 @@ def test_model_normalizes_inside(factory, channels: int, size: int) -> None:
     # And the normalization matters: without it the outputs differ.
     with torch.no_grad():
         assert not torch.allclose(twin(torch.tensor(x, dtype=torch.float32)), want, atol=1e-3)
+
+
+def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
+    """Non-trivial BN affine parameters and running statistics, so eval-mode BN is not ~identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.3, 0.3), (m.running_mean, -0.3, 0.3),
+                                  (m.running_var, 0.5, 2.0)):
+                    t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+
+
+def _bn(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(x, state[prefix + "running_mean"], state[prefix + "running_var"], state[prefix + "weight"],
+                        state[prefix + "bias"], training=False, eps=1e-5)
+
+
+def _preact_reference(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """PreActResNet-18 of the authors' model.py, written with functional ops on the state dict (float64)."""
+    out = F.conv2d((x - state["normalize.mean"]) / state["normalize.std"], state["conv1.weight"], padding=1)
+    for stage, stride in zip((1, 2, 3, 4), (1, 2, 2, 2), strict=True):
+        for block in range(2):
+            p = f"layer{stage}.{block}."
+            s = stride if block == 0 else 1
+            act = F.relu(_bn(state, p + "bn1.", out))
+            projection = state.get(p + "shortcut.0.weight")
+            shortcut = out if projection is None else F.conv2d(act, projection, stride=s)
+            mid = F.relu(_bn(state, p + "bn2.", F.conv2d(act, state[p + "conv1.weight"], stride=s, padding=1)))
+            out = F.conv2d(mid, state[p + "conv2.weight"], padding=1) + shortcut
+    out = F.avg_pool2d(F.relu(_bn(state, "bn.", out)), 4).flatten(1)  # the authors' avg_pool2d(out, 4)
+    return F.linear(out, state["linear.weight"], state["linear.bias"])
+
+
+def _wrn_reference(state: dict, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """WideResNet of the authors' model.py (BasicBlock with equalInOut), functional, float64."""
+    out = F.conv2d((x - state["normalize.mean"]) / state["normalize.std"], state["conv1.weight"], padding=1)
+    for group, stride in zip((1, 2, 3), (1, 2, 2), strict=True):
+        for block in range(blocks):
+            p = f"block{group}.layer.{block}."
+            s = stride if block == 0 else 1
+            act = F.relu(_bn(state, p + "bn1.", out))
+            projected = p + "convShortcut.weight" in state
+            mid = F.relu(_bn(state, p + "bn2.", F.conv2d(act, state[p + "conv1.weight"], stride=s, padding=1)))
+            mid = F.conv2d(mid, state[p + "conv2.weight"], padding=1)
+            out = mid + (F.conv2d(act, state[p + "convShortcut.weight"], stride=s) if projected else out)
+    out = F.avg_pool2d(F.relu(_bn(state, "bn1.", out)), 8).flatten(1)  # the authors' avg_pool2d(out, 8)
+    return F.linear(out, state["linear.weight"], state["linear.bias"])
+
+
+def test_preactresnet18_forward_matches_a_functional_reference() -> None:
+    model = PreActResNet18(num_classes=10)
+    _randomize_batchnorm(model, 1)
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    want = _preact_reference(state, x.double())
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_wideresnet_forward_matches_a_functional_reference() -> None:
+    model = WideResNet(depth=16, widen_factor=2, num_classes=10)
+    _randomize_batchnorm(model, 2)
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    want = _wrn_reference(state, x.double(), blocks=2)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_default_normalization_is_the_authors_for_rgb_and_identity_otherwise() -> None:
