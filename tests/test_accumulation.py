@@ -81,3 +81,72 @@ def test_accumulation_before_the_stash_is_kept_and_after_it_starts_from_zero():
     adversarial = torch.autograd.grad(F.mse_loss(model(x_adv), y), params)
     for p, a in zip(params, adversarial, strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+
+
+def train_stashing_both(model, opt, batches, parts, order="clean", scaler=None):
+    """The accumulation protocol: every micro-batch stashes both of its gradients; step() once."""
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    for x, x_adv, y in batches:
+        opt.zero_grad()
+        for xs, xs_adv, ys in zip(x.chunk(parts), x_adv.chunk(parts), y.chunk(parts), strict=True):
+            pair = [("clean", xs), ("adversarial", xs_adv)]
+            for kind, inputs in pair if order == "clean" else pair[::-1]:
+                scale(F.mse_loss(model(inputs), ys) / parts).backward()
+                getattr(opt, f"stash_{kind}")()
+        assert all(p.grad is None for p in model.parameters())
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+
+
+@pytest.mark.parametrize("order", ["clean", "adversarial"])
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("amp", [False, True])
+def test_stashing_both_per_micro_batch_equals_the_full_batch(order, parts, amp):
+    batches = data()
+    model, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if amp else None
+    train_stashing_both(model, opt, batches, parts, order, scaler)
+    assert opt.step_count == len(batches)
+    for p, q in zip(model.parameters(), hand_reference(batches), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+def test_a_second_clean_stash_over_a_left_adversarial_gradient_points_to_the_recipe():
+    """Accelerate's order with the plain protocol: step() and zero_grad() are skipped on the first
+    micro-batch, so its adversarial gradient is still in .grad when the next clean pass adds to it."""
+    model, opt = make()
+    (x, x_adv, y), = data(1)
+    opt.zero_grad()
+    F.mse_loss(model(x[:4]), y[:4]).backward()
+    opt.stash_clean()
+    F.mse_loss(model(x_adv[:4]), y[:4]).backward()
+    F.mse_loss(model(x[4:]), y[4:]).backward()  # the next micro-batch's clean pass
+    with pytest.raises(RuntimeError, match="clean gradient is already stashed.*gradient accumulation.*stash_adversarial"):
+        opt.stash_clean()
+    assert opt.has_stash and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", ["missing-last-stash", "backward-after-both"])
+def test_an_unfinished_accumulation_is_refused_and_changes_nothing(case):
+    model, opt = make()
+    (x, x_adv, y), = data(1)
+    opt.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        F.mse_loss(model(x[half]), y[half]).backward()
+        opt.stash_clean()
+        F.mse_loss(model(x_adv[half]), y[half]).backward()
+        if case == "backward-after-both" or half.start == 0:
+            opt.stash_adversarial()
+    if case == "backward-after-both":
+        F.mse_loss(model(x_adv), y).backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    match = "2 clean and 1 adversarial stashes" if case == "missing-last-stash" else "both gradients are stashed"
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+    assert opt.step_count == 0 and opt.has_stash and not opt.optimizer.state
