@@ -73,6 +73,7 @@ class Normalize(nn.Module):
     so a checkpoint carries the normalization its weights were trained with.
 
     >>> import torch
+    >>> from agr_optim.models import Normalize
     >>> norm = Normalize((0.5,), (0.25,))
     >>> norm(torch.tensor([[[[0.0, 1.0]]]]))
     tensor([[[[-2.,  2.]]]])
