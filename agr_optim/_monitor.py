@@ -191,7 +191,10 @@ class StatsAccumulator:
                 f"source must be an AGROptimizer or a ReconstructionStats, got {type(source).__name__}"
             )
         num_segments = _check_stats(stats)
-        rows = self._rows(segment_params, num_segments) if self.model is not None else None
+        rows = None
+        if self.model is not None:
+            assert segment_params is not None  # refused above otherwise
+            rows = self._rows(segment_params, num_segments)
         values = self._values(stats)
         if self._totals is None:
             self._totals = values.sum(0)

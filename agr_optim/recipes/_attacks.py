@@ -85,8 +85,12 @@ class PGD:
         lo, hi = bounds
         if not lo < hi:
             raise ValueError(f"Invalid bounds: {bounds!r}; expected (lo, hi) with lo < hi")
-        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
-        self.loss, self.random_start, self.bounds = loss, random_start, (float(lo), float(hi))
+        self.eps: float = float(eps)
+        self.alpha: float = float(alpha)
+        self.steps: int = int(steps)
+        self.loss: str = loss
+        self.random_start: str = random_start
+        self.bounds: tuple[float, float] = (float(lo), float(hi))
 
     def __repr__(self) -> str:
         return (
