@@ -36,21 +36,22 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _train(model_name: str, variant: str, steps: int, batch: int) -> dict[str, float]:
+def _train(model_name: str, variant: str, steps: int, batch: int, device: str = "cpu") -> dict[str, float]:
+    """``device``: where to train (``benchmarks.gpu_check`` reads the CUDA allocator's peak around it)."""
     from agr_optim import AGROptimizer
 
     from ._reference import per_layer_reconstruct
     from ._shapes import build_model
 
     torch.manual_seed(0)
-    model = build_model(model_name)
+    model = build_model(model_name, device)
     params = [p for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     sgd = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
     opt = AGROptimizer(sgd, clip_norm=0.1, fused=(variant == "agr_fused")) if variant.startswith("agr") else sgd
     loss_fn = torch.nn.CrossEntropyLoss()
-    x = torch.rand(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     start_rss = _peak_rss_bytes()
     for _ in range(steps):
         x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
