@@ -162,7 +162,9 @@ def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     levels = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
     for c in range(x.shape[1]):
-        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        counts = torch.zeros(256, dtype=torch.float64)
+        for start in range(0, len(x), 8192):  # chunks: a channel of Tiny-ImageNet is 410 MB
+            counts += torch.bincount(x[start : start + 8192, c].reshape(-1), minlength=256).to(torch.float64)
         total = counts.sum()
         mean = (counts * levels).sum() / total
         var = (counts * (levels - mean) ** 2).sum() / total
@@ -257,12 +259,25 @@ def _dataset_folder(name: str, path: Path, required: Sequence[str]) -> Path:
         path = path / folder
     missing = [entry for entry in required if not (path / entry).exists()]
     if missing:
-        hint = _other_layout(name, path)
+        hint = _other_layout(name, path) or _archive_hint(name, path)
         raise DatasetError(
             f"{name}: {str(path)!r} lacks {', '.join(missing)}; expected the {folder} folder "
             f"(holding {', '.join(required)}) or its parent{hint}"
         )
     return path
+
+
+_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
+             "tiny-imagenet": "tiny-imagenet-200.zip"}
+
+
+def _archive_hint(name: str, path: Path) -> str:
+    """A hint when the dataset's archive lies there unpacked."""
+    archive = path / _ARCHIVES[name]
+    if not archive.is_file():
+        return ""
+    how = "unzip" if archive.suffix == ".zip" else "tar xzf"
+    return f"; {str(archive)!r} is there: unpack it ({how}) and point data_dir at the folder it makes"
 
 
 def _other_layout(name: str, path: Path) -> str:
@@ -444,9 +459,12 @@ def _decode_images(name: str, files: Sequence[Path], size: int, *, resize: bool)
         out[i] = np.asarray(rgb).transpose(2, 0, 1)
 
     # Pillow decodes without the GIL: threads overlap the 110,000 decodes of the full set.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
         for _ in pool.map(decode, range(len(files))):  # in order: the first bad file is reported
             pass
+    finally:  # after an error (or Ctrl-C), do not decode the rest
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -458,7 +476,7 @@ def _resized(dataset: Dataset, size: int) -> Dataset:
         images = x.permute(0, 2, 3, 1).numpy()
         out = np.empty((len(images), x.shape[1], size, size), dtype=np.uint8)
         for i, image in enumerate(images):  # host-side, once per load
-            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
             resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
             out[i] = resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
         return out
@@ -807,8 +825,10 @@ def augment(
     _check_int(padding, "padding", 0)
     if not isinstance(flip, bool):
         raise ValueError(f"flip must be True or False, got {flip!r}")
-    if cutout is not None and cutout != "authors":
-        _check_int(cutout, "cutout", 1)
+    if cutout is not None and cutout != "authors" and (
+        isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 1
+    ):
+        raise ValueError(f"cutout must be None, 'authors' or a square side >= 1 (an integer), got {cutout!r}")
     _check_generator(generator, x)
     out = random_crop(x, padding, generator)
     if flip:

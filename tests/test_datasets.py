@@ -176,6 +176,9 @@ def test_missing_folder(tmp_path: Path) -> None:
         load_dataset("cifar100", empty)
     with pytest.raises(DatasetError, match=r"cifar10: data_dir is required"):
         load_dataset("cifar10")
+    (empty / "cifar-10-python.tar.gz").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"cifar-10-python.tar.gz' is there: unpack it \(tar xzf\)"):
+        load_dataset("cifar10", empty)
 
 
 def test_wrong_layout_names_the_right_dataset(cifar10_dir, cifar100_dir) -> None:
@@ -446,6 +449,22 @@ def test_npz_layouts(tmp_path: Path) -> None:
         assert data.num_classes == 4
 
 
+def test_npz_statistics_and_resize_of_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 256, (9000, 3, 4, 4), dtype=np.uint8)  # more images than one histogram chunk
+    x[:, 1] //= 2
+    y = np.arange(9000) % 3
+    path = save_npz(tmp_path / "big.npz", x=x, y=y, x_test=x[:5], y_test=y[:5])
+    data = load_dataset("npz", path)
+    mean, std = stats(x)
+    np.testing.assert_allclose(data.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(data.std, std, rtol=1e-12)
+    resized = load_dataset("npz", path, image_size=8)
+    want = [np.asarray(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))).resize(
+        (8, 8), Image.Resampling.BILINEAR)).transpose(2, 0, 1) for im in x[:5]]
+    np.testing.assert_array_equal(resized.x_test.numpy(), np.stack(want))
+
+
 def test_npz_float_images_are_rounded_to_grey_levels(tmp_path: Path) -> None:
     x = np.full((10, 4, 4), 0.5, dtype=np.float32)  # 127.5 -> 128
     x[:, 0, 0] = 1.0
@@ -655,8 +674,9 @@ def test_augmentation_arguments_are_checked() -> None:
         random_flip(torch.empty(2, 3, 8, 8, device="meta"), gen())
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor \[N, C, H, W\]"):
         random_crop(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 4, gen())
-    with pytest.raises(ValueError, match=r"cutout must be an integer >= 1"):
-        augment(x, cutout=0, generator=gen())
+    for bad in (0, "Authors", True, 2.5):
+        with pytest.raises(ValueError, match=r"cutout must be None, 'authors' or a square side >= 1"):
+            augment(x, cutout=bad, generator=gen())
     with pytest.raises(ValueError, match=r"padding must be an integer >= 0"):
         augment(x, padding=-1, generator=gen())
     with pytest.raises(ValueError, match=r"p must be a probability"):
