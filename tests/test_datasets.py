@@ -637,6 +637,20 @@ def test_authors_cutout_is_torchtoolbox_rectangle_pasted_as_pil_does() -> None:
         assert h / (w + 1) < 2.5 and (h + 1) / w > 0.4
     untouched = counts == 0
     np.testing.assert_array_equal(out[untouched], x.numpy()[untouched])
+    # The distribution against torchtoolbox's get_params, simulated here in numpy (200k draws):
+    # s ~ U(0.02, 0.4) * H W, r ~ U(0.4, 2.5), w = int(sqrt(s / r)), h = int(sqrt(s r)),
+    # left ~ randint(0, W - w), top ~ randint(0, H - h) (inclusive), value ~ randint(0, 255).
+    rng = np.random.default_rng(0)
+    area, r = rng.uniform(0.02, 0.4, 200_000) * 1024, rng.uniform(0.4, 2.5, 200_000)
+    ref_h, ref_w = np.sqrt(area * r).astype(int), np.sqrt(area / r).astype(int)
+    ref_top = rng.integers(0, 32 - ref_h + 1)
+    boxes = np.array([(*(lambda s: (s[0][1] - s[0][0], s[1][1] - s[1][0], s[0][0]))(spans(erased[n])),
+                       out[n, 0][erased[n]][0] * 255) for n in np.nonzero(counts)[0]])
+    for got, ref, name in ((boxes[:, 0], ref_h, "rows"), (boxes[:, 1], ref_w, "cols"), (boxes[:, 2], ref_top, "top"),
+                           (boxes[:, 3], rng.integers(0, 256, 200_000), "value")):
+        se = ref.std() / np.sqrt(len(got))
+        assert abs(got.mean() - ref.mean()) < 4 * se, (name, got.mean(), ref.mean(), se)
+    assert boxes[:, 0].mean() > boxes[:, 1].mean() + 2  # rows = sqrt(s r): taller than wide on average
     gray = authors_cutout(positive_batch(n=200, c=1, size=16), gen(6)).numpy()
     levels = gray[gray != positive_batch(n=200, c=1, size=16).numpy()] * 255
     assert len(levels) and np.allclose(levels, np.round(levels), atol=1e-4)
