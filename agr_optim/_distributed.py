@@ -1,15 +1,13 @@
 """DTensor gradients (FSDP2 ``fully_shard``, tensor parallel): global sums from local shards.
 
 A rank holds only its shard of each gradient, so a cosine taken of the shard would be a
-different (wrong) algorithm. Here every rank reduces its local shards to the three sums of
-each segment, ``<a,c>``, ``|a|^2``, ``|c|^2``, and one ``all_reduce`` of the ``[3, S]`` tensor
-(per sharded mesh dimension: one for FSDP2) makes them global; the coefficients that follow
-are then identical on all ranks, and each rank combines its own shards in place.
-
-Both ``fused=True`` and ``fused=False`` come here for DTensors. ``fused=True`` sums the
-gradients as they are (one collective) and, on CPU, redoes the sums scaled when they fall
-outside the float32 range, like the fused path; ``fused=False`` always sums ``a/s, c/s`` with
-``s`` the global largest magnitude of the segment (one more collective), like the loop.
+different (wrong) algorithm. DTensors therefore run the fused path's own schedules on their
+local shards (``_fused.py``), with a :class:`MeshReduction` in place of the local one: the
+per-tensor sums become segment sums by one ``all_reduce`` (per sharded mesh dimension: one
+for FSDP2), so the coefficients are identical on all ranks and each rank combines its own
+shards. On CPU the host schedule's exact repairs (range rescue, exact clipping) work the same
+way, with their own collectives, entered by every rank alike since they are decided on the
+global sums. Every ``fused`` setting takes this route for DTensors.
 """
 
 from __future__ import annotations
@@ -21,15 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import (
-    accumulation_dtype,
-    coefficient_dtype,
-    coefficients,
-    combine_rounding,
-    narrowest_accumulation_dtype,
-    sum_error,
-)
-from ._stats import ReconstructionStats
+from ._gramian import LOCAL
+from ._stats import NO_OUTPUT, ReconstructionStats
 
 
 def is_dtensor(t: object) -> bool:
@@ -76,6 +67,29 @@ def validate_dtensors(adversarial: Sequence[Tensor], clean: Sequence[Tensor | No
     return True
 
 
+class MeshReduction:
+    """Segment sums and maxima over the mesh dimensions some gradient is sharded on."""
+
+    distributed = True
+
+    def __init__(self, mesh: object, dims: Sequence[int], numels: Sequence[int]) -> None:
+        self.mesh, self.dims = mesh, list(dims)
+        self.numels = list(numels)  # global sizes, for the sums' error allowance
+
+    def _all_reduce(self, t: Tensor, op: object) -> Tensor:
+        for d in self.dims:
+            torch.distributed.all_reduce(t, op=op, group=self.mesh.get_group(d))  # type: ignore[attr-defined]
+        return t
+
+    def segment_sums(self, per_tensor: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+        local = LOCAL.segment_sums(per_tensor, ids, num_segments)
+        return self._all_reduce(local, torch.distributed.ReduceOp.SUM)
+
+    def segment_max(self, per_tensor: Tensor, ids: Tensor, num_segments: int) -> Tensor:
+        local = LOCAL.segment_max(per_tensor, ids, num_segments)
+        return self._all_reduce(local, torch.distributed.ReduceOp.MAX)
+
+
 def reconstruct_dtensor(
     adversarial: Sequence[Tensor],
     clean: Sequence[Tensor | None],
@@ -83,98 +97,34 @@ def reconstruct_dtensor(
     segment_ids: Sequence[int],
     num_segments: int,
     clip_norm: float | None,
-    fused: bool,
     out: Sequence[Tensor] | None,
+    host_reads: bool,
 ) -> tuple[list[Tensor], ReconstructionStats]:
+    """The fused schedules on the local shards, with sums made global over the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from ._fused import reconstruct_device, reconstruct_host
 
     mesh = adversarial[0].device_mesh  # type: ignore[attr-defined]
     local_a = [a.to_local() for a in adversarial]  # type: ignore[attr-defined]
     local_c = [None if c is None else c.to_local() for c in clean]  # type: ignore[attr-defined]
-    device = local_a[0].device
-    dtype = coefficient_dtype(device)
-    ids = torch.tensor(list(segment_ids), device=device)
     # Mesh dimensions some gradient is sharded on are summed over; a gradient replicated on
     # such a dimension is counted once (weight 1/replicas).
     placements = [a.placements for a in adversarial]  # type: ignore[attr-defined]
     dims = [d for d in range(mesh.ndim) if any(isinstance(p[d], Shard) for p in placements)]
-    weights = [
-        1.0 / math.prod(mesh.size(d) for d in dims if isinstance(p[d], Replicate)) for p in placements
+    weights = [1.0 / math.prod(mesh.size(d) for d in dims if isinstance(p[d], Replicate)) for p in placements]
+    schedule = reconstruct_host if host_reads else reconstruct_device
+    local_out = out if out is None or out is NO_OUTPUT else [local_tensor(t) for t in out]
+    results, stats = schedule(
+        local_a, local_c, segment_ids=segment_ids, num_segments=num_segments, clip_norm=clip_norm, out=local_out,
+        reduction=MeshReduction(mesh, dims, [a.numel() for a in adversarial]), weights=None if all(w == 1.0 for w in weights) else weights,
+    )
+    if out is NO_OUTPUT:
+        return [], stats
+    if out is not None:
+        return list(out), stats
+    wrapped = [
+        DTensor.from_local(r, mesh, g.placements, shape=g.shape, stride=g.stride())  # type: ignore[attr-defined]
+        for r, g in zip(results, adversarial, strict=True)
     ]
-
-    def all_reduce(t: Tensor, op: torch.distributed.ReduceOp.RedOpType) -> Tensor:
-        for d in dims:
-            torch.distributed.all_reduce(t, op=op, group=mesh.get_group(d))
-        return t
-
-    def segment_sums(scale: Tensor | None) -> Tensor:
-        """``[3, S]``: the global ``<a,c>``, ``|a|^2``, ``|c|^2`` of ``a/s``, ``c/s``."""
-        per_tensor = torch.zeros(3, len(local_a), dtype=dtype, device=device)
-        for i, (a, c) in enumerate(zip(local_a, local_c, strict=True)):
-            # Sums of bf16/fp16 in float32: a bf16 accumulator loses the sign of small cosines.
-            acc = accumulation_dtype(a.dtype)
-            a = a.reshape(-1).to(acc)
-            c = None if c is None else c.reshape(-1).to(acc)
-            if scale is not None:
-                s = scale[segment_ids[i]].to(acc)
-                a = a / s
-                c = None if c is None else c / s
-            per_tensor[1, i] = torch.dot(a, a)
-            if c is not None:
-                per_tensor[0, i] = torch.dot(a, c)
-                per_tensor[2, i] = torch.dot(c, c)
-        if any(w != 1.0 for w in weights):
-            per_tensor *= torch.tensor(weights, dtype=dtype, device=device)
-        sums = torch.zeros(3, num_segments, dtype=dtype, device=device).index_add_(1, ids, per_tensor)
-        return all_reduce(sums, torch.distributed.ReduceOp.SUM)
-
-    def global_scale() -> Tensor:
-        """Largest magnitude of each segment over all ranks; 1 where that is 0 or not finite."""
-        amax = torch.zeros(len(local_a), dtype=dtype, device=device)
-        for i, (a, c) in enumerate(zip(local_a, local_c, strict=True)):
-            for g in (a, c):
-                if g is not None and g.numel() > 0:
-                    amax[i] = torch.maximum(amax[i], g.abs().amax().to(dtype))
-        segment_max = torch.zeros(num_segments, dtype=dtype, device=device).scatter_reduce_(
-            0, ids, amax, reduce="amax"
-        )
-        segment_max = all_reduce(segment_max, torch.distributed.ReduceOp.MAX)
-        return torch.where(segment_max.isfinite() & (segment_max > 0), segment_max, 1.0)
-
-    scale = None if fused else global_scale()
-    dot, sq_a, sq_c = segment_sums(scale)
-    if fused and device.type == "cpu" and not torch.compiler.is_compiling():
-        # The same decision on every rank (the sums are global), so all enter the rescue.
-        low = torch.finfo(narrowest_accumulation_dtype(a.dtype for a in local_a)).tiny * 2.0**48
-        small = lambda x: (x > 0) & (x < low)  # noqa: E731
-        suspect = ~(dot.isfinite() & sq_a.isfinite() & sq_c.isfinite()) | small(sq_a) | small(sq_c)
-        suspect |= small(sq_a * sq_c)
-        if bool(suspect.any()):
-            scale = global_scale()
-            dot, sq_a, sq_c = segment_sums(scale)
-    rounding = combine_rounding(a.dtype for a in local_a)
-    # Ill-conditioned projections clip by a safe bound here (no exact second pass over shards).
-    numels = [0] * num_segments
-    for g, segment in zip(adversarial, segment_ids, strict=True):
-        numels[segment] += g.numel()
-    error = sum_error(local_a[0].dtype, max(numels, default=1))
-    k = coefficients(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=error)
-    k_a, k_c = k.adversarial[ids], k.clean[ids]
-    results: list[Tensor] = []
-    for i, (a, c) in enumerate(zip(local_a, local_c, strict=True)):
-        # Combine in float32 at least, round once to the gradient's dtype.
-        acc = accumulation_dtype(a.dtype)
-        r = a.to(acc) * k_a[i].to(acc)
-        if c is not None:
-            r = r + c.to(acc) * k_c[i].to(acc)
-        if out is not None:
-            local_tensor(out[i]).copy_(r)
-            results.append(out[i])
-        else:
-            g = adversarial[i]
-            results.append(
-                DTensor.from_local(
-                    r.to(a.dtype), mesh, g.placements, shape=g.shape, stride=g.stride()  # type: ignore[attr-defined]
-                )
-            )
-    return results, k.stats
+    return wrapped, stats

@@ -24,12 +24,6 @@ from torch import Tensor
 from ._stats import ReconstructionStats
 
 
-class Coefficients(NamedTuple):
-    adversarial: Tensor  # k_a, shape [S], clipping included
-    clean: Tensor  # k_c, shape [S], clipping included
-    stats: ReconstructionStats
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for the element-wise sums: float32 at least ("sums in at least float32")."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -91,14 +85,18 @@ class TensorOps:
     sqrt = staticmethod(torch.sqrt)
     isnan = staticmethod(torch.isnan)
     clamp = staticmethod(torch.clamp)
-    ones_like = staticmethod(torch.ones_like)
-
     hypot = staticmethod(torch.hypot)
+    abs = staticmethod(torch.abs)
+    maximum = staticmethod(torch.maximum)
 
     @staticmethod
-    def rdiv(x: float, y: Tensor) -> Tensor:
+    def ones_like(x: Tensor) -> Tensor:
+        return torch.ones_like(x)
+
+    @staticmethod
+    def rdiv(x: float | Tensor, y: Tensor) -> Tensor:
         """``x / y`` rounded once (``float / tensor`` in torch is ``reciprocal`` times ``x``)."""
-        return torch.full_like(y, x) / y
+        return (torch.full_like(y, x) if not isinstance(x, Tensor) else x) / y
 
 
 class FloatOps:
@@ -120,6 +118,8 @@ class FloatOps:
 
     isnan = staticmethod(math.isnan)
     hypot = staticmethod(math.hypot)
+    abs = staticmethod(abs)
+    maximum = staticmethod(max)
 
     @staticmethod
     def clamp(x: float, min: float | None = None, max: float | None = None) -> float:  # noqa: A002
@@ -144,7 +144,8 @@ class Rule(NamedTuple):
     """What :func:`rule` gives per segment (tensors or floats, as its inputs were)."""
 
     adversarial: Any  # k_a, clipping included
-    clean: Any  # k_c, clipping included
+    clean: Any  # k_c, clipping included (can exceed the gradients' range: see clean_scaled)
+    clean_scaled: Any  # k_c * scale_c: the coefficient of c / scale_c, finite for finite input
     cosine: Any
     projected: Any
     norm_adversarial: Any
@@ -163,55 +164,31 @@ def coefficients(
     sq_adversarial: Tensor,
     sq_clean: Tensor,
     *,
-    scale: Tensor | None = None,
+    scale_adversarial: Tensor | None = None,
+    scale_clean: Tensor | None = None,
     clip_norm: float | None,
     rounding: float = 0.0,
     sum_error: float = 0.0,
-) -> Coefficients:
-    r"""Turn per-segment sums into the AGR coefficients :math:`(k_a, k_c)`.
-
-    With :math:`\cos = d / (\lVert a\rVert \lVert c\rVert)` (0 when either norm is 0):
-
-    - :math:`\cos \le 0` (projection): :math:`k_a = 1`, :math:`k_c = -d/\lVert c\rVert^2`
-      (:math:`k_c = 0` when :math:`c = 0`: projecting onto a zero vector changes nothing);
-    - :math:`\cos > 0` (interpolation): :math:`k_a = 1 - \cos`, :math:`k_c = \cos`;
-    - clipping multiplies both by :math:`\min(1, \text{clip\_norm}/\lVert r\rVert)`, with
-      :math:`\lVert r\rVert^2 = \lVert a\rVert^2 (1-\cos)(1+\cos)` when projecting and
-      :math:`(1-\cos)^2\lVert a\rVert^2 + 2\cos(1-\cos)\,d + \cos^2\lVert c\rVert^2` when
-      interpolating (both written so that no term can cancel another).
-
-    Args:
-        dot, sq_adversarial, sq_clean: ``[S]`` sums of ``a/s * c/s``, ``(a/s)^2``, ``(c/s)^2``.
-        scale: ``[S]`` common scale ``s`` of each segment (``None``: 1).
-        clip_norm: the clipping threshold, or ``None``.
-        rounding: relative rounding error of the combine ``k_a a + k_c c`` in the output dtype.
-            The norm used for clipping never goes below that rounding noise, so that a result
-            which is all rounding noise (``c = -k a`` exactly) is clipped too, not passed on.
-        sum_error: relative error allowance :math:`\gamma` of the sums (:func:`sum_error`).
-            In ill-conditioned projected segments (:data:`ILL_CONDITIONED`) the norm used for
-            clipping is raised to :math:`\sqrt{\lVert r\rVert^2 + 4\gamma\lVert a\rVert^2}`,
-            so the clipped result stays within ``clip_norm`` even where the closed form has
-            lost its digits (it may then clip more than the exact rule would). Callers that can
-            afford a host read redo those segments' clipping exactly instead (the fused path
-            on CPU does: :func:`rule` with ``exact_norm``).
-
-    Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
-    The rule itself is :func:`rule`; this is its tensor form.
-    """
+) -> Rule:
+    """:func:`rule` on ``[S]`` tensors, in :func:`coefficient_dtype` (no host reads)."""
     dtype = coefficient_dtype(dot.device)
-    dot, sq_a, sq_c = dot.to(dtype), sq_adversarial.to(dtype), sq_clean.to(dtype)
-    scale = None if scale is None else scale.to(dtype)
-    r = rule(dot, sq_a, sq_c, scale=scale, clip_norm=clip_norm, rounding=rounding, sum_error=sum_error,
-             ops=TensorOps)
-    stats = ReconstructionStats(
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return rule(cast(dot), cast(sq_adversarial), cast(sq_clean), scale_a=cast(scale_adversarial),
+                scale_c=cast(scale_clean), clip_norm=clip_norm, rounding=rounding, sum_error=sum_error,
+                ops=TensorOps)
+
+
+def stats_of(r: Rule, out_of_range: Any) -> ReconstructionStats:
+    """The :class:`~agr_optim.ReconstructionStats` of a tensor :class:`Rule` (fields by name)."""
+    return ReconstructionStats(
         cosine=r.cosine,
         projected=r.projected,
         norm_adversarial=r.norm_adversarial,
         norm_clean=r.norm_clean,
         norm_reconstructed=r.norm_reconstructed,
         clip_scale=r.clip_scale,
+        out_of_range=out_of_range,
     )
-    return Coefficients(r.adversarial, r.clean, stats)
 
 
 def rule(
@@ -219,22 +196,57 @@ def rule(
     sq_a: Any,
     sq_c: Any,
     *,
-    scale: Any = None,
+    scale_a: Any = None,
+    scale_c: Any = None,
     clip_norm: float | None,
     rounding: float = 0.0,
     sum_error: float = 0.0,
     exact_norm: Any = None,
     ops: type = TensorOps,
 ) -> Rule:
-    r"""The AGR rule of :func:`coefficients`, on ``[S]`` tensors (``ops=TensorOps``) or on one
-    segment's Python floats (``ops=FloatOps``): the same operations in the same order, so
-    float64 tensors and floats agree to float64 rounding (an ulp where torch's ``sqrt``
-    rounds otherwise than ``math.sqrt``).
+    r"""Turn one segment's sums into the AGR coefficients :math:`(k_a, k_c)`, :math:`r = k_a a + k_c c`.
 
-    ``exact_norm``, when given, is :math:`\lVert r\rVert` measured on the explicit ``r`` of
-    an ill-conditioned segment (before clipping, ``scale`` included): the clipping then uses it instead
-    of the closed form, without the ``sum_error`` allowance.
+    The sums are those of :math:`\hat a = a / s_a` and :math:`\hat c = c / s_c`
+    (``dot`` :math:`= \langle\hat a, \hat c\rangle`, ``sq_a`` :math:`= \lVert\hat a\rVert^2`,
+    ``sq_c`` :math:`= \lVert\hat c\rVert^2`) for scales :math:`s_a, s_c > 0` (``None``: 1), so that
+    callers can keep every square inside the floating-point range, however far apart the
+    magnitudes of ``a`` and ``c`` are. With :math:`\cos = d / (\lVert a\rVert \lVert c\rVert)`
+    (0 when either norm is 0):
+
+    - :math:`\cos \le 0` (projection): :math:`k_a = 1`, :math:`k_c = -d/\lVert c\rVert^2`
+      (:math:`k_c = 0` when :math:`c = 0`: projecting onto a zero vector changes nothing);
+    - :math:`\cos > 0` (interpolation): :math:`k_a = 1 - \cos`, :math:`k_c = \cos`;
+    - clipping multiplies both by :math:`\min(1, \text{clip\_norm}/\lVert r\rVert)`, with
+      :math:`\lVert r\rVert = \lVert a\rVert \sqrt{(1-\cos)(1+\cos)}` when projecting and
+      :math:`\sqrt{(1-\cos)^2\lVert a\rVert^2 + 2\cos^2(1-\cos)\lVert a\rVert\lVert c\rVert
+      + \cos^2\lVert c\rVert^2}` when interpolating (no term can cancel another), both taken in
+      units of :math:`m = \max(s_a, s_c)` so that no norm is squared outside the range.
+
+    :math:`k_c` itself can leave the gradients' range when :math:`\lVert c\rVert \ll \lVert a\rVert`
+    (its product with :math:`c` cannot: :math:`\lVert k_c c\rVert \le \lVert a\rVert`), so the rule
+    also gives ``clean_scaled`` :math:`= k_c s_c`, the coefficient of :math:`\hat c`.
+
+    The same operations run on ``[S]`` tensors (``ops=TensorOps``, no host reads) or on one
+    segment's Python floats (``ops=FloatOps``), so both agree to float64 rounding.
+
+    Args:
+        rounding: relative rounding error of the combine ``k_a a + k_c c`` in the output dtype.
+            The norm used for clipping never goes below that rounding noise, so that a result
+            which is all rounding noise (``c = -k a`` exactly) is clipped too, not passed on.
+        sum_error: relative error allowance :math:`\gamma` of the sums (:func:`sum_error`).
+            In ill-conditioned projected segments (:data:`ILL_CONDITIONED`) the norm used for
+            clipping is raised to :math:`\sqrt{\lVert r\rVert^2 + 4\gamma\lVert a\rVert^2}`,
+            so the clipped result stays within ``clip_norm`` even where the closed form has
+            lost its digits (it may then clip more than the exact rule would).
+        exact_norm: :math:`\lVert r\rVert / \max(s_a, s_c)` measured on the explicit ``r`` of the
+            segment (before clipping): the clipping then uses it instead of the closed form and
+            its allowance.
+
+    Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
     """
+    one = ops.ones_like(sq_a)
+    scale_a = one if scale_a is None else scale_a
+    scale_c = one if scale_c is None else scale_c
     norm_a, norm_c = ops.sqrt(sq_a), ops.sqrt(sq_c)
     denominator = norm_a * norm_c
     # The zero policy, in one place: a zero gradient has cosine 0, and a projection onto a
@@ -246,43 +258,55 @@ def rule(
     cosine = ops.where(ops.isnan(cosine), cosine, ops.clamp(cosine, -1.0, 1.0))
     projected = cosine <= 0
     clean_nonzero = sq_c > 0
+    # -<a^, c^>/|c^|^2: the projection's coefficient of c^ in units of s_a.
     projection = ops.where(clean_nonzero, -dot / ops.where(clean_nonzero, sq_c, 1.0), 0.0)
     projection = ops.where(ops.isnan(dot), dot, projection)
     k_a = ops.where(projected, 1.0, 1.0 - cosine)
-    k_c = ops.where(projected, projection, cosine)
+    k_c_scaled = ops.where(projected, projection * scale_a, cosine * scale_c)
 
+    # Norms in units of m = max(s_a, s_c): x = |a|/m and y = |c|/m are at most ~sqrt(n).
+    m = ops.maximum(scale_a, scale_c)
+    x, y = norm_a * (scale_a / m), norm_c * (scale_c / m)
     one_minus = 1.0 - cosine
-    sq_r = ops.clamp(
-        ops.where(
-            projected,
-            sq_a * one_minus * (1.0 + cosine),
-            one_minus * one_minus * sq_a + 2.0 * cosine * one_minus * dot + cosine * cosine * sq_c,
-        ),
-        min=0.0,
-    )
-    norm_r = ops.sqrt(sq_r)
-    if scale is not None:
-        norm_a, norm_c, norm_r = norm_a * scale, norm_c * scale, norm_r * scale
-    if exact_norm is not None:
-        norm_r = exact_norm
+    # Never a square of x or y (x can be far below 1 when |a| << |c|): projected, |r| = x sin;
+    # interpolated, with p = (1-cos) x and q = cos y, |r|^2 = p^2 + 2 cos p q + q^2, taken
+    # relative to h = max(p, q).
+    sine = ops.sqrt(ops.clamp(one_minus * (1.0 + cosine), min=0.0))
+    p, q = one_minus * x, cosine * y
+    h = ops.maximum(p, q)
+    h_safe = ops.where(h > 0, h, 1.0)
+    p_h, q_h = p / h_safe, q / h_safe
+    interpolated = h * ops.sqrt(ops.clamp(p_h * p_h + 2.0 * cosine * p_h * q_h + q_h * q_h, min=0.0))
+    interpolated = ops.where(ops.isnan(h), h, interpolated)
+    norm_r = ops.where(projected, x * sine, interpolated) if exact_norm is None else exact_norm
     if clip_norm is None:
         clip_scale = ops.ones_like(norm_r)
     else:
-        noise = rounding * (abs(k_a) * norm_a + abs(k_c) * norm_c)
-        # sqrt(|r|^2 + doubt^2 + noise^2) by hypot, never squaring a norm: the squares of
-        # float64 norms above about 1e154 would overflow and clip the segment to zero.
+        # |k_c c| / m: |cos| x when projecting (|k_c c| = |<a,c>|/|c|), cos y when interpolating.
+        noise = rounding * (ops.abs(k_a) * x + ops.where(projected, ops.abs(cosine) * x, cosine * y))
+        # sqrt(|r|^2 + doubt^2 + noise^2) by hypot, never squaring a norm.
         if exact_norm is None:
-            doubt = ops.where(ill_conditioned(cosine, projected), (2.0 * math.sqrt(sum_error)) * norm_a, 0.0)
+            doubt = ops.where(ill_conditioned(cosine, projected), (2.0 * math.sqrt(sum_error)) * x, 0.0)
             bound = ops.hypot(ops.hypot(norm_r, doubt), noise)
         else:
             bound = ops.hypot(norm_r, noise)
-        clip_scale = clip_scale_of(bound, norm_r, clip_norm, ops)
-    return Rule(k_a * clip_scale, k_c * clip_scale, cosine, projected, norm_a, norm_c, norm_r, clip_scale)
+        clip_scale = clip_scale_of(bound, norm_r, clip_norm / m, ops)
+    return Rule(
+        adversarial=k_a * clip_scale,
+        clean=(k_c_scaled / scale_c) * clip_scale,
+        clean_scaled=k_c_scaled * clip_scale,
+        cosine=cosine,
+        projected=projected,
+        norm_adversarial=norm_a * scale_a,
+        norm_clean=norm_c * scale_c,
+        norm_reconstructed=norm_r * m,
+        clip_scale=clip_scale,
+    )
 
 
-def clip_scale_of(bound: Any, norm_r: Any, clip_norm: float, ops: type = TensorOps) -> Any:
+def clip_scale_of(bound: Any, norm_r: Any, clip_norm: Any, ops: type = TensorOps) -> Any:
     """``min(1, clip_norm / bound)``, 1 where ``bound`` is 0, NaN where ``norm_r`` is NaN (a
-    NaN norm is never clipped to 1). The loop calls it with ``bound = norm_r``, its exact norm."""
+    NaN norm is never clipped to 1). ``bound`` and ``clip_norm`` in the same units."""
     scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
     scale = ops.where(ops.isnan(scale), scale, ops.clamp(scale, max=1.0))
     return ops.where(ops.isnan(norm_r), norm_r, scale)

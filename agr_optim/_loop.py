@@ -1,4 +1,18 @@
-"""The plain per-segment loop: the readable statement of AGR (``fused=False``)."""
+r"""The plain per-segment loop: the readable statement of AGR (``fused=False``).
+
+For every segment, in float64 (float32 on devices without it):
+
+1. scale: :math:`\hat a = a / s_a`, :math:`\hat c = c / s_c` with :math:`s_a, s_c` the largest
+   magnitudes of ``a`` and ``c`` (so every square is at most 1 and none over- or underflows,
+   whatever the gradients' magnitudes);
+2. the three sums :math:`\langle\hat a,\hat c\rangle`, :math:`\lVert\hat a\rVert^2`,
+   :math:`\lVert\hat c\rVert^2`;
+3. the rule (:func:`~agr_optim._geometry.rule`): :math:`k_a` and :math:`k_c s_c`;
+4. the explicit :math:`r = k_a a + k_c c`, in units of :math:`m = \max(s_a, s_c)`, and its norm;
+5. clipping by that norm, then one rounding to the gradient's dtype.
+
+It depends on the rule alone; the fused path is checked against it.
+"""
 
 from __future__ import annotations
 
@@ -7,61 +21,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._geometry import Coefficients, clip_scale_of, coefficients, widest_accumulation_dtype
-from ._stats import ReconstructionStats
+from ._geometry import clip_scale_of, coefficient_dtype, rule
+from ._stats import NO_OUTPUT, ReconstructionStats
 
 
-def scaled_sums(
-    adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], acc: torch.dtype | None = None
-) -> tuple[Tensor, ...]:
-    """``<a,c>``, ``|a|^2``, ``|c|^2`` of one segment, taken of ``a/s`` and ``c/s``.
-
-    ``s`` is the largest magnitude in the segment, so no square overflows whatever the
-    gradients' scale (1e-30 and 1e30 alike in float32), and the largest squares are of order
-    one. Squares of entries far below ``s`` can still underflow in float32: a ``c`` below about
-    ``1e-19 |a|`` counts as zero there; ``acc=torch.float64`` (what the fused path's range
-    rescue uses) takes float32 gradients' sums in float64, where they cannot. Returns
-    ``(dot, sq_a, sq_c, s)`` as 0-dim tensors in the accumulation dtype (``acc``, by default
-    float64 if any gradient is float64, else float32). A non-finite gradient gives ``s = 1``,
-    so the sums stay non-finite instead of being divided away.
-    """
-    acc = acc or widest_accumulation_dtype(a.dtype for a in adversarial)
-    device = adversarial[0].device
-    magnitudes = [g.detach().abs().amax().to(acc) for g in adversarial if g.numel() > 0]
-    magnitudes += [g.detach().abs().amax().to(acc) for g in clean if g is not None and g.numel() > 0]
-    scale = torch.stack(magnitudes).amax() if magnitudes else torch.zeros((), dtype=acc, device=device)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
-    dot = torch.zeros((), dtype=acc, device=device)
-    sq_a = torch.zeros((), dtype=acc, device=device)
-    sq_c = torch.zeros((), dtype=acc, device=device)
-    for a, c in zip(adversarial, clean, strict=True):
-        a = a.detach().to(acc).flatten() / scale
-        sq_a = sq_a + torch.dot(a, a)
-        if c is not None:
-            c = c.detach().to(acc).flatten() / scale
-            dot = dot + torch.dot(a, c)
-            sq_c = sq_c + torch.dot(c, c)
-    return dot, sq_a, sq_c, scale
+def _largest(tensors: Sequence[Tensor | None], acc: torch.dtype, device: torch.device) -> Tensor:
+    """The largest magnitude over ``tensors``; 1 where that is 0 or not finite (a non-finite
+    gradient then keeps its sums non-finite instead of having them divided away)."""
+    values = [t.detach().abs().amax().to(acc) for t in tensors if t is not None and t.numel() > 0]
+    largest = torch.stack(values).amax() if values else torch.zeros((), dtype=acc, device=device)
+    return torch.where(torch.isfinite(largest) & (largest > 0), largest, 1.0)
 
 
-def combined(
-    adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], k_a: Tensor, k_c: Tensor, scale: Tensor
-) -> tuple[list[Tensor], Tensor]:
-    """``r = k_a a + k_c c`` of one segment, written out in the accumulation dtype, and ``|r|``.
-
-    The norm is taken of ``r/s`` like the sums, so it neither over- nor underflows.
-    """
-    acc = widest_accumulation_dtype(a.dtype for a in adversarial)
-    k_a, k_c, scale = k_a.to(acc), k_c.to(acc), scale.to(acc)
-    r_list = []
-    sq_r = torch.zeros((), dtype=acc, device=k_a.device)
-    for a, c in zip(adversarial, clean, strict=True):
-        r = k_a * a.detach().to(acc)
-        if c is not None:
-            r = r + k_c * c.detach().to(acc)
-        sq_r = sq_r + (r / scale).square().sum()
-        r_list.append(r)
-    return r_list, sq_r.sqrt() * scale
+def _norm(tensors: Sequence[Tensor], acc: torch.dtype, device: torch.device) -> Tensor:
+    """The norm of the concatenated ``tensors``, taken of ``t / s`` with ``s`` their largest
+    magnitude (no square over- or underflows)."""
+    s = _largest(tensors, acc, device)
+    zero = torch.zeros((), dtype=acc, device=device)
+    return torch.sqrt(sum((torch.sum((t / s) ** 2) for t in tensors), zero)) * s
 
 
 def reconstruct_loop(
@@ -73,38 +50,64 @@ def reconstruct_loop(
     clip_norm: float | None,
     out: Sequence[Tensor] | None,
 ) -> tuple[list[Tensor], ReconstructionStats]:
-    """One segment at a time: sums, coefficients, the explicit ``r``, then clip by ``|r|``."""
+    """One segment at a time: scaled sums, coefficients, the explicit ``r``, clip by ``|r|``."""
     members: list[list[int]] = [[] for _ in range(num_segments)]
     for index, segment in enumerate(segment_ids):
         members[segment].append(index)
     results: list[Tensor] = [torch.empty(0)] * len(adversarial)
-    parts: list[ReconstructionStats] = []
+    rows = []
     for indices in members:
-        a_list = [adversarial[i] for i in indices]
+        device = adversarial[indices[0]].device
+        acc = coefficient_dtype(device)
+        a_list = [adversarial[i].detach() for i in indices]
         c_list = [clean[i] for i in indices]
-        dot, sq_a, sq_c, scale = scaled_sums(a_list, c_list)
-        k = coefficients(dot[None], sq_a[None], sq_c[None], scale=scale[None], clip_norm=None)
-        r_list, norm_r = combined(a_list, c_list, k.adversarial[0], k.clean[0], scale)
-        clip = torch.ones_like(norm_r) if clip_norm is None else clip_scale_of(norm_r, norm_r, clip_norm)
-        for i, r in zip(indices, r_list, strict=True):
-            results[i] = (r * clip).to(adversarial[i].dtype)
-        parts.append(
-            _with_clip(k, norm_r.to(k.stats.cosine.dtype)[None], clip.to(k.stats.cosine.dtype)[None])
-        )
+        s_a, s_c = _largest(a_list, acc, device), _largest(c_list, acc, device)
+        a_hat = [a.to(acc) / s_a for a in a_list]
+        c_hat = [None if c is None else c.detach().to(acc) / s_c for c in c_list]
+        zero = torch.zeros((), dtype=acc, device=device)
+        dot = sum((torch.sum(a * c) for a, c in zip(a_hat, c_hat, strict=True) if c is not None), zero)
+        sq_a = sum((torch.sum(a * a) for a in a_hat), zero)
+        sq_c = sum((torch.sum(c * c) for c in c_hat if c is not None), zero)
+        k = rule(dot, sq_a, sq_c, scale_a=s_a, scale_c=s_c, clip_norm=None)
+        m = torch.maximum(s_a, s_c)
+        r_over_m = [
+            k.adversarial * (s_a / m) * a + (0.0 if c is None else (k.clean_scaled / m) * c)
+            for a, c in zip(a_hat, c_hat, strict=True)
+        ]
+        norm = _norm(r_over_m, acc, device)  # |r| / m
+        clip = torch.ones_like(norm) if clip_norm is None else clip_scale_of(norm, norm, clip_norm / m)
+        for i, r in zip(indices, r_over_m, strict=True):
+            results[i] = (r * (m * clip)).to(adversarial[i].dtype)
+        rows.append((k, norm * m, clip))
+    if out is NO_OUTPUT:
+        return [], _stats(rows)
     if out is not None:
         for target, r in zip(out, results, strict=True):
             target.copy_(r)
         results = list(out)
-    if not parts:
-        return results, _empty_stats(adversarial)
-    return results, ReconstructionStats.concat(parts)
+    return results, _stats(rows)
 
 
-def _with_clip(k: Coefficients, norm_r: Tensor, clip: Tensor) -> ReconstructionStats:
-    s = k.stats
-    return ReconstructionStats(s.cosine, s.projected, s.norm_adversarial, s.norm_clean, norm_r, clip)
+def _stats(rows: list) -> ReconstructionStats:
+    if not rows:
+        return empty_stats()
+
+    def column(values: list[Tensor]) -> Tensor:
+        return torch.stack(values).reshape(-1)
+
+    return ReconstructionStats(
+        cosine=column([k.cosine for k, _, _ in rows]),
+        projected=column([k.projected for k, _, _ in rows]),
+        norm_adversarial=column([k.norm_adversarial for k, _, _ in rows]),
+        norm_clean=column([k.norm_clean for k, _, _ in rows]),
+        norm_reconstructed=column([norm for _, norm, _ in rows]),
+        clip_scale=column([clip for _, _, clip in rows]),
+        # The loop scales every segment: no sum leaves the range (float64; float32 without it).
+        out_of_range=torch.zeros(len(rows), dtype=torch.bool, device=rows[0][0].cosine.device),
+    )
 
 
-def _empty_stats(adversarial: Sequence[Tensor]) -> ReconstructionStats:
+def empty_stats() -> ReconstructionStats:
+    """The statistics of zero segments."""
     empty = torch.zeros(0, dtype=torch.float64)
-    return ReconstructionStats(empty, empty.bool(), empty, empty, empty, empty)
+    return ReconstructionStats(empty, empty.bool(), empty, empty, empty, empty, empty.bool())

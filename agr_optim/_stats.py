@@ -9,6 +9,10 @@ from torch import Tensor
 
 __all__ = ["ReconstructionStats"]
 
+#: ``out=NO_OUTPUT`` for an implementation: the statistics only; no combine, nothing
+#: gradient-sized written (``functional.statistics``).
+NO_OUTPUT: object = type("NoOutput", (), {"__repr__": lambda self: "NO_OUTPUT"})()
+
 
 @dataclass(frozen=True)
 class ReconstructionStats:
@@ -27,6 +31,12 @@ class ReconstructionStats:
         norm_clean: :math:`\lVert c \rVert`.
         norm_reconstructed: :math:`\lVert r \rVert` before clipping.
         clip_scale: :math:`\min(1, \text{clip\_norm} / \lVert r \rVert)`; 1 without clipping.
+        out_of_range: ``True`` where the segment's squares left the accurate range of the
+            accumulation dtype (float32 norms above about 1e19 or below about 1e-12, or a
+            gradient whose squares underflow to zero). On CPU such segments are summed again,
+            scaled, in float64, and reconstructed exactly. Without host reads (accelerators,
+            ``torch.compile``) they cannot be redone: the clean gradient of such a segment is
+            treated as zero, so the update is the clipped adversarial gradient there.
     """
 
     cosine: Tensor
@@ -35,6 +45,7 @@ class ReconstructionStats:
     norm_clean: Tensor
     norm_reconstructed: Tensor
     clip_scale: Tensor
+    out_of_range: Tensor
 
     @property
     def num_segments(self) -> int:
@@ -53,6 +64,7 @@ class ReconstructionStats:
             "norm_clean": self.norm_clean.tolist(),
             "norm_reconstructed": self.norm_reconstructed.tolist(),
             "clip_scale": self.clip_scale.tolist(),
+            "out_of_range": self.out_of_range.tolist(),
         }
 
     @staticmethod

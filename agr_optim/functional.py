@@ -1,6 +1,7 @@
 r"""Functional core of AGR: reconstruct one update from an adversarial and a clean gradient.
 
-Tong et al., *Adversarial Training with Adaptive Gradient Reconstruction*, ACM MM 2024.
+Tong et al., *Balancing Generalization and Robustness in Adversarial Training via Steering through
+Clean and Adversarial Gradient Directions*, ACM MM 2024.
 
 For every segment (a parameter tensor, a parameter group, or everything at once), with
 :math:`a` the adversarial and :math:`c` the clean gradient, :math:`d = \langle a, c\rangle` and
@@ -17,26 +18,39 @@ For every segment (a parameter tensor, a parameter group, or everything at once)
 
 A projection onto a zero clean gradient is the identity (:math:`r = a`). Sums are taken in
 float32 at least (bf16/fp16 gradients are reduced in float32, float64 stays float64).
+
+The implementations (``_IMPLEMENTATIONS``) share one signature and are chosen in one place,
+:func:`_choose`, from explicit inputs: ``"loop"`` (``fused=False``, ``_loop.py``), ``"host"``
+(``fused=True`` on eager CPU), ``"device"`` (``fused=True`` elsewhere, no host reads),
+``"compiled"`` (``fused="compile"``). DTensor gradients run ``"host"`` or ``"device"`` on their
+local shards with global sums (``_distributed.py``). Tests pick one with
+:func:`_use_implementation` instead of patching.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._compiled import reconstruct_compiled
 from ._distributed import is_dtensor, reconstruct_dtensor, validate_dtensors
-from ._fused import reconstruct_compiled, reconstruct_fused
-from ._loop import _empty_stats, reconstruct_loop
-from ._stats import ReconstructionStats
+from ._fused import reconstruct_device, reconstruct_host
+from ._loop import empty_stats, reconstruct_loop
+from ._stats import NO_OUTPUT, ReconstructionStats
 
-__all__ = ["reconstruct", "reconstruct_", "GRANULARITIES"]
+__all__ = ["reconstruct", "reconstruct_", "statistics", "GRANULARITIES"]
 
-#: Segmentations accepted by :func:`reconstruct`; ``AGROptimizer`` also takes ``"group"``.
-GRANULARITIES = ("tensor", "global")
+#: Every segmentation: each parameter tensor (the paper), each param group (``AGROptimizer``
+#: only: the functional API has no groups), or all tensors at once.
+GRANULARITIES = ("tensor", "group", "global")
+#: The segmentations of the functional API.
+FUNCTIONAL_GRANULARITIES = ("tensor", "global")
 
 
 def reconstruct(
@@ -61,9 +75,11 @@ def reconstruct(
             gradients still in the cache); ``False`` for the plain per-segment loop
             that states the math. Both give the same result up to rounding. ``"compile"``
             (opt-in): the fused path through ``torch.compile``, one pass per tensor for the
-            sums and one for the combine; the first call compiles (tens of seconds on CPU),
-            and out-of-range sums (norms beyond about 1e19, or below about 1e-12 where float32
-            squares lose digits) are not rescued.
+            sums and one for the combine; the first call compiles (tens of seconds on CPU).
+            Without host reads (accelerators, ``"compile"``) segments whose float32 squares
+            leave the accurate range (norms beyond about 1e19 or below about 1e-12) keep only
+            their clipped adversarial gradient (``out_of_range`` in the statistics); on eager
+            CPU they are reconstructed exactly.
 
     Returns:
         New tensors, one per input, each with its input's shape and dtype. The inputs are
@@ -83,7 +99,7 @@ def reconstruct(
         >>> reconstruct([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.0])], clip_norm=1.0)
         [tensor([0.6000, 0.8000])]
     """
-    results, _ = _checked_run(adversarial, clean, clip_norm, granularity, fused, inplace=False)
+    results, _ = _checked_run(adversarial, clean, clip_norm, granularity, fused, out=None)
     return results
 
 
@@ -97,10 +113,37 @@ def reconstruct_(
 ) -> ReconstructionStats:
     """In-place :func:`reconstruct`: overwrite ``adversarial`` with the result.
 
-    Same arguments and checks as :func:`reconstruct`; returns the per-segment
+    Same arguments and checks as :func:`reconstruct`, and also refuses adversarial tensors
+    that cannot be written in place (internally overlapping memory, e.g. from ``expand``, or
+    memory shared with another gradient of the call); returns the per-segment
     :class:`~agr_optim.ReconstructionStats` instead of new tensors.
     """
-    _, stats = _checked_run(adversarial, clean, clip_norm, granularity, fused, inplace=True)
+    _, stats = _checked_run(adversarial, clean, clip_norm, granularity, fused, out=adversarial)
+    return stats
+
+
+def statistics(
+    adversarial: Sequence[Tensor],
+    clean: Sequence[Tensor | None],
+    *,
+    clip_norm: float | None = None,
+    granularity: str = "tensor",
+    fused: bool | str = True,
+) -> ReconstructionStats:
+    """The per-segment :class:`~agr_optim.ReconstructionStats` that :func:`reconstruct` would
+    give (cosine, projection, norms, clip scale), without computing or changing any gradient.
+
+    Same arguments and checks as :func:`reconstruct`. Costs the sums only (no combine, nothing
+    gradient-sized allocated); ``fused="compile"`` computes them eagerly.
+
+    Example:
+        >>> import torch
+        >>> from agr_optim.functional import statistics
+        >>> s = statistics([torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])], clip_norm=0.1)
+        >>> round(s.cosine.item(), 4), bool(s.projected.item()), round(s.clip_scale.item(), 4)
+        (-0.7071, True, 0.1414)
+    """
+    _, stats = _checked_run(adversarial, clean, clip_norm, granularity, fused, out=NO_OUTPUT)
     return stats
 
 
@@ -111,15 +154,57 @@ def _checked_run(
     granularity: str,
     fused: bool | str,
     *,
-    inplace: bool,
+    out: Any,
 ) -> tuple[list[Tensor], ReconstructionStats]:
     """Validate the public arguments (all of them, before anything changes), then run."""
     validate_clip_norm(clip_norm)
     validate_fused(fused)
-    segment_ids, num_segments = _segments(validate_granularity(granularity, GRANULARITIES), len(adversarial))
+    if granularity == "group":
+        raise ValueError(
+            "Invalid granularity: 'group' needs param groups; use AGROptimizer(granularity='group'), or "
+            "'tensor' / 'global' here"
+        )
+    segment_ids, num_segments = _segments(validate_granularity(granularity, FUNCTIONAL_GRANULARITIES), len(adversarial))
     validate_gradients(adversarial, clean)
-    out = adversarial if inplace else None
+    if out is adversarial:
+        validate_writable(adversarial, clean)
     return _run(adversarial, clean, segment_ids, num_segments, clip_norm, fused, out=out)
+
+
+_IMPLEMENTATIONS = {
+    "loop": reconstruct_loop,
+    "host": reconstruct_host,
+    "device": reconstruct_device,
+    "compiled": reconstruct_compiled,
+}
+#: Set by :func:`_use_implementation` (tests): the implementation to run, and its options.
+_override: tuple[str, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def _use_implementation(name: str, **options: Any) -> Iterator[None]:
+    """Run ``name`` (a key of ``_IMPLEMENTATIONS``) whatever the inputs, with ``options``
+    (e.g. ``block=5`` for ``"host"``); for tests, which reach every path this way."""
+    global _override
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; expected one of {sorted(_IMPLEMENTATIONS)}")
+    previous, _override = _override, (name, options)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _choose(fused: bool | str, device: torch.device, statistics_only: bool) -> tuple[str, dict[str, Any]]:
+    """The one dispatch: which implementation runs, from the explicit inputs."""
+    if _override is not None:
+        return _override
+    if fused is False:
+        return "loop", {}
+    if fused == "compile" and not statistics_only:
+        return "compiled", {}
+    host_readable = device.type == "cpu" and not torch.compiler.is_compiling()
+    return ("host" if host_readable else "device"), {}
 
 
 def _run(
@@ -129,33 +214,23 @@ def _run(
     num_segments: int,
     clip_norm: float | None,
     fused: bool | str,
-    out: Sequence[Tensor] | None,
+    out: Any,
 ) -> tuple[list[Tensor], ReconstructionStats]:
-    """Dispatch to the loop or the fused implementation (already validated arguments)."""
+    """Dispatch already validated arguments. ``out``: ``None`` (new tensors), the adversarial
+    tensors (in place) or ``NO_OUTPUT`` (statistics only)."""
     if len(adversarial) == 0:
-        return [], _empty_stats(adversarial)
+        return [], empty_stats()
+    clip = None if clip_norm is None or math.isinf(clip_norm) else float(clip_norm)
     with torch.no_grad():
         # Validation (every caller's) made DTensors all-or-none: the first one tells.
         if is_dtensor(adversarial[0]):
-            # Sharded gradients: global sums from local shards (see _distributed.py).
-            return reconstruct_dtensor(
-                adversarial,
-                clean,
-                segment_ids=segment_ids,
-                num_segments=num_segments,
-                clip_norm=None if clip_norm is None or math.isinf(clip_norm) else float(clip_norm),
-                fused=fused,
-                out=out,
-            )
-        impl = reconstruct_compiled if fused == "compile" else reconstruct_fused if fused else reconstruct_loop
-        return impl(
-            list(adversarial),
-            list(clean),
-            segment_ids=segment_ids,
-            num_segments=num_segments,
-            clip_norm=None if clip_norm is None or math.isinf(clip_norm) else float(clip_norm),
-            out=out,
-        )
+            name, _ = _choose(True if fused is False or fused == "compile" else fused,
+                              adversarial[0].to_local().device, True)  # type: ignore[attr-defined]
+            return reconstruct_dtensor(adversarial, clean, segment_ids=segment_ids, num_segments=num_segments,
+                                       clip_norm=clip, out=out, host_reads=name == "host")
+        name, options = _choose(fused, adversarial[0].device, out is NO_OUTPUT)
+        return _IMPLEMENTATIONS[name](list(adversarial), list(clean), segment_ids=segment_ids,
+                                      num_segments=num_segments, clip_norm=clip, out=out, **options)
 
 
 def _segments(granularity: str, n: int) -> tuple[list[int], int]:
@@ -209,6 +284,37 @@ def validate_gradients(adversarial: Sequence[Tensor], clean: Sequence[Tensor | N
             raise ValueError(f"device mismatch at index {i}: adversarial on {a.device}, clean on {c.device}")
         if a.dtype != c.dtype:
             raise ValueError(f"dtype mismatch at index {i}: adversarial {a.dtype}, clean {c.dtype}")
+
+
+def validate_writable(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None]) -> None:
+    """In-place reconstruction writes into ``adversarial``: each must be writable element by
+    element, and share memory with no other gradient of the call (it would be read after
+    being overwritten)."""
+    spans: list[tuple[int, int, str]] = []
+    for name, tensors in (("adversarial", adversarial), ("clean", clean)):
+        for i, t in enumerate(tensors):
+            if t is None or t.numel() == 0 or is_dtensor(t):
+                continue
+            if name == "adversarial" and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(
+                    f"adversarial[{i}] (shape {tuple(t.shape)}, strides {t.stride()}) has internally overlapping "
+                    "memory (e.g. from expand()), so it cannot be written in place; pass a dense copy "
+                    "(.contiguous()) or use reconstruct()"
+                )
+            start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+            extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+            spans.append((start, start + (extent + 1) * t.element_size(), f"{name}[{i}]"))
+    spans.sort()
+    active: list[tuple[int, str]] = []  # (end, name) of the spans that reach past the current start
+    for start, end, name in spans:
+        active = [(e, n) for e, n in active if e > start]
+        for _, other in active:
+            if "adversarial" in name + other:
+                raise ValueError(
+                    f"{other} and {name} share memory, so reconstructing in place would read values it has "
+                    "already overwritten; pass separate tensors (e.g. .clone() one of them) or use reconstruct()"
+                )
+        active.append((end, name))
 
 
 def _check_dense_float(t: Tensor, name: str) -> None:

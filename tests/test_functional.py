@@ -9,10 +9,9 @@ paper's rule in float64 numpy, or with a geometric property that needs no refere
 
 from __future__ import annotations
 
-import contextlib
 import math
+import contextlib
 from dataclasses import dataclass
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -41,7 +40,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import Tensor
 
-import agr_optim._fused
 from agr_optim import ReconstructionStats
 from agr_optim import functional as _functional
 
@@ -50,23 +48,56 @@ from agr_optim import functional as _functional
 #: fused path as it runs on accelerators (no host reads: no range rescue, no exact clipping
 #: of ill-conditioned segments), ``False`` the loop.
 DEVICE = "device"
-IMPLEMENTATIONS = pytest.mark.parametrize("fused", [True, DEVICE, False], ids=["fused", "device", "loop"])
+#: ``"dtensor"``: the gradients as DTensors on a world-size-1 gloo mesh (sharded on dim 0 where
+#: they have one): the fused schedules on local shards, with the sums through ``all_reduce``.
+DTENSOR = "dtensor"
+IMPLEMENTATIONS = pytest.mark.parametrize(
+    "fused", [True, DEVICE, False, DTENSOR], ids=["fused", "device", "loop", "dtensor"]
+)
 
 
 def _as(fused):
     if fused is True:
-        return mock.patch.object(agr_optim._fused, "_BLOCK", 5)
+        return _functional._use_implementation("host", block=5)
     if fused == DEVICE:
-        return mock.patch.object(agr_optim._fused, "_host_readable", lambda device: False)
-    return contextlib.nullcontext()
+        return _functional._use_implementation("device")
+    if fused == DTENSOR:
+        return contextlib.nullcontext()
+    return _functional._use_implementation("loop")
+
+
+def _mesh():
+    """A world-size-1 gloo mesh, made once per test process (a loopback store)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    return init_device_mesh("cpu", (1,))
+
+
+def _to_dtensors(tensors):
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = _mesh()
+    return [
+        None if t is None else DTensor.from_local(t, mesh, [Shard(0) if t.dim() else Replicate()], run_check=False)
+        for t in tensors
+    ]
 
 
 def reconstruct(adversarial, clean, *, fused=True, **kwargs):
+    if fused == DTENSOR:
+        results = _functional.reconstruct(_to_dtensors(adversarial), _to_dtensors(clean), **kwargs)
+        return [r.to_local() for r in results]
     with _as(fused):
         return _functional.reconstruct(adversarial, clean, fused=fused is not False, **kwargs)
 
 
 def reconstruct_(adversarial, clean, *, fused=True, **kwargs):
+    if fused == DTENSOR:  # the local shards are the test's tensors: written in place
+        return _functional.reconstruct_(_to_dtensors(adversarial), _to_dtensors(clean), **kwargs)
     with _as(fused):
         return _functional.reconstruct_(adversarial, clean, fused=fused is not False, **kwargs)
 
@@ -357,8 +388,8 @@ def test_clip_safe_without_host_reads(sin: float) -> None:
     ``|r|``. The result never exceeds ``clip_norm`` (it may be clipped more than exactly)."""
     a, c, clip_norm = _nearly_antiparallel(sin)
     eps = torch.finfo(torch.float32).eps
-    with mock.patch("torch.compiler.is_compiling", return_value=True):
-        (r,) = reconstruct([a], [c], clip_norm=clip_norm, fused=True)
+    with _functional._use_implementation("device"):
+        (r,) = _functional.reconstruct([a], [c], clip_norm=clip_norm, fused=True)
     (loop,) = reconstruct([a], [c], clip_norm=clip_norm, fused=False)
     assert r.double().norm().item() <= clip_norm * (1 + 4 * eps)
     # Same direction as the exact result, only shorter: r = t * loop with 0 < t <= 1.
@@ -505,7 +536,8 @@ def test_stats_are_tensors_on_the_gradients_device_without_sync() -> None:
     assert isinstance(rate, torch.Tensor) and rate.dim() == 0
     assert rate.item() == stats.projected.double().mean().item()
     d = stats.to_dict()
-    assert set(d) == {"cosine", "projected", "norm_adversarial", "norm_clean", "norm_reconstructed", "clip_scale"}
+    assert set(d) == {"cosine", "projected", "norm_adversarial", "norm_clean", "norm_reconstructed", "clip_scale",
+                      "out_of_range"}
 
 
 def test_empty_list() -> None:
@@ -635,3 +667,134 @@ def test_float64_norms_whose_squares_overflow_are_clipped_not_zeroed(fused: bool
     (r,) = reconstruct(a, c, clip_norm=1.0, fused=fused)
     (expected,), _ = reference_agr([a[0] / magnitude], [c[0] / magnitude], clip_norm=1.0, segments=[0])
     np.testing.assert_allclose(r.numpy(), expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- issue 9: silent wrong results
+def _exact(a: Tensor, c: Tensor, clip_norm: float | None) -> np.ndarray:
+    """The rule on one segment in exact rational arithmetic (no range limits): only the cosine
+    and the clip factor pass through a float square root, taken of ratios in [0, 1]."""
+    from fractions import Fraction
+
+    def sqrt(x: Fraction) -> Fraction:  # rescaled by a power of four: no float over/underflow
+        k = (x.numerator.bit_length() - x.denominator.bit_length()) // 2
+        return Fraction(math.sqrt(float(x / Fraction(4) ** k))) * Fraction(2) ** k
+
+    av = [Fraction(x) for x in a.double().reshape(-1).tolist()]
+    cv = [Fraction(y) for y in c.double().reshape(-1).tolist()]
+    d = sum(x * y for x, y in zip(av, cv, strict=True))
+    na2, nc2 = sum(x * x for x in av), sum(y * y for y in cv)
+    cos = Fraction(0) if na2 == 0 or nc2 == 0 else d / (sqrt(na2) * sqrt(nc2))
+    if cos <= 0:
+        r = [x - (d / nc2) * y for x, y in zip(av, cv, strict=True)] if nc2 else av
+    else:
+        r = [cos * y + (1 - cos) * x for x, y in zip(av, cv, strict=True)]
+    norm_sq = sum(x * x for x in r)
+    if clip_norm is not None and norm_sq > Fraction(clip_norm) ** 2:
+        r = [x * Fraction(clip_norm) / sqrt(norm_sq) for x in r]
+    return np.array([float(x) for x in r])
+
+
+@IMPLEMENTATIONS
+def test_underflowed_clean_gradient_gives_the_exact_finite_update(fused) -> None:
+    """Issue 9.1: a = [1e-6, 0], c = [-1e-45, 1e-45] (float32 subnormals): k_c = 5e38 overflows
+    float32 although k_c c does not; the update was [-inf, inf]. Exact: [5e-7, 5e-7]. Without
+    host reads the segment is out of range and keeps its (clipped) adversarial gradient."""
+    a = torch.tensor([1e-6, 0.0])
+    c = torch.tensor([-1e-45, 1e-45])
+    (r,) = reconstruct([a], [c], clip_norm=0.1, fused=fused)
+    assert torch.isfinite(r).all()
+    if fused == DEVICE:  # c's squares are exactly 0: without a host read, c counts as zero
+        assert r.tolist() == a.tolist()
+    else:
+        np.testing.assert_allclose(r.numpy(), [5e-7, 5e-7], rtol=1e-6)
+        np.testing.assert_allclose(r.numpy(), _exact(a, c, 0.1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False, DTENSOR], ids=["fused", "loop", "dtensor"])
+def test_float64_norms_far_apart_are_clipped(fused) -> None:
+    """Issue 9.1 (float64): |a| ~ 1e49 and |c| ~ 1e222 gave |r| ~ 2e15 (fused) and ~1e50 (loop)
+    at clip 0.1: one common scale 1e222 made a's squares underflow. Separate scales."""
+    torch.manual_seed(0)
+    a = torch.randn(16, dtype=torch.float64) * 1e48
+    c = torch.randn(16, dtype=torch.float64) * 1e221
+    (r,) = reconstruct([a], [c], clip_norm=0.1, fused=fused)
+    assert math.isclose(r.norm().item(), 0.1, rel_tol=1e-9)
+    np.testing.assert_allclose(r.numpy(), _exact(a, c, 0.1), rtol=1e-9, atol=1e-12)
+
+
+@IMPLEMENTATIONS
+def test_clip_applies_when_the_clean_entry_dwarfs_the_adversarial_one(fused) -> None:
+    """Issue 9.6: float32 a = [1, 0], c = [0, 1e25] (orthogonal: r = a, |r| = 1) came back
+    unclipped from the loop (its common scale 1e25 made |r|'s squares underflow)."""
+    a, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1e25])
+    (r,) = reconstruct([a], [c], clip_norm=0.1, fused=fused)
+    if fused == DEVICE:  # |c|^2 overflows float32: without a host read, a loud NaN
+        assert torch.isnan(r).all()
+        return
+    np.testing.assert_allclose(r.numpy(), [0.1, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False, DTENSOR], ids=["fused", "loop", "dtensor"])
+def test_global_segment_with_one_huge_clean_entry_is_clipped(fused) -> None:
+    """Issue 9.6 (float64, global): one clean entry of 1e300 among ordinary gradients returned
+    |r| = 1.118 at clip 0.1 on both paths."""
+    a = [torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([0.0, 0.0], dtype=torch.float64)]
+    c = [torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1e300, 0.0], dtype=torch.float64)]
+    r = reconstruct(a, c, clip_norm=0.1, granularity="global", fused=fused)
+    norm = math.hypot(*(x for t in r for x in t.tolist()))
+    assert math.isclose(norm, 0.1, rel_tol=1e-9)
+    want = _exact(torch.cat(a), torch.cat(c), 0.1)
+    np.testing.assert_allclose(torch.cat(r).numpy(), want, rtol=1e-9, atol=1e-15)
+
+
+@IMPLEMENTATIONS
+def test_tiny_multiple_of_the_clean_gradient_is_parallel(fused) -> None:
+    """Issue 9.7: float32 a = 1e-30 c: cos = 1, so r = c (clipped). The loop gave r = 0, cos 0."""
+    torch.manual_seed(1)
+    c = torch.randn(32)
+    a = c * 1e-30
+    stats = reconstruct_([r := a.clone()], [c], clip_norm=None, fused=fused)
+    if fused == DEVICE:  # a's squares are exactly 0: without a host read, a counts as zero
+        assert torch.equal(r, a) and stats.cosine.item() == 0.0
+        return
+    assert math.isclose(stats.cosine.item(), 1.0, rel_tol=1e-6)
+    np.testing.assert_allclose(r.numpy(), c.numpy(), rtol=1e-5)
+
+
+@IMPLEMENTATIONS
+def test_underflowing_antiparallel_gradients_cancel(fused) -> None:
+    """Issue 9.11: float32 a = 1e-25 randn(64), c = -a: every square underflows to 0; cos = -1
+    and r = 0 exactly. The DTensor path gave |r|/|a| = 1 (no underflow check of zero sums)."""
+    torch.manual_seed(2)
+    a = 1e-25 * torch.randn(64)
+    (r,) = reconstruct([a], [-a], clip_norm=0.1, fused=fused)
+    if fused == DEVICE:  # the squares are exactly zero: indistinguishable from zero gradients
+        assert torch.equal(r, a)
+        return
+    assert r.double().norm().item() <= 1e-6 * a.double().norm().item()
+
+
+@given(
+    log_a=st.integers(-45, 38), log_c=st.integers(-45, 38), n=st.integers(1, 8), seed=st.integers(0, 2**16),
+    clip=st.sampled_from([None, 0.1]),
+)
+def test_finite_inputs_never_give_non_finite_updates_without_host_reads(log_a, log_c, n, seed, clip) -> None:
+    """Without host reads nothing can be redone, but finite float32 gradients whose norms fit
+    float32's squares (below ~1e19) give a finite update within the clip at any magnitude
+    (out-of-range small segments keep their clipped a, flagged ``out_of_range``). Norms above
+    that look like an overflow and give NaN, never a finite wrong value or a silent Inf."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, generator=g, dtype=torch.float64) * 10.0**log_a).float()
+    c = (torch.randn(n, generator=g, dtype=torch.float64) * 10.0**log_c).float()
+    assume(torch.isfinite(a).all() and torch.isfinite(c).all())
+    with _functional._use_implementation("device"):
+        stats = _functional.reconstruct_([r := a.clone()], [c], clip_norm=clip)
+    largest_square = max(a.double().square().sum().item(), c.double().square().sum().item())
+    f32_max = torch.finfo(torch.float32).max
+    assume(not f32_max / 4 < largest_square < 4 * f32_max)  # rounding decides at the border
+    if largest_square >= f32_max:
+        assert torch.isnan(r).all() and stats.out_of_range.item()
+        return
+    assert torch.isfinite(r).all()
+    if clip is not None:
+        assert r.double().norm().item() <= clip * (1 + 1e-5)

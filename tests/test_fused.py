@@ -17,7 +17,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from agr_optim import AGROptimizer
-from agr_optim._fused import _BLOCK, _CHUNK, _blocks
+from agr_optim._combine import _CHUNK
+from agr_optim._fused import _BLOCK, blocks
 from agr_optim._geometry import FloatOps, TensorOps, rule
 from agr_optim.functional import reconstruct, reconstruct_
 
@@ -73,13 +74,13 @@ def test_chunked_combine_equals_loop(dtype, granularity, clip_norm):
 def test_blocks_cover_whole_segments_in_order():
     sizes = [_BLOCK // 2, 10, _BLOCK, 3, 3, 2 * _BLOCK, 0, 5]
     tensors = [torch.empty(n) for n in sizes]
-    per_tensor = _blocks(tensors, list(range(len(sizes))))
+    per_tensor = blocks(tensors, list(range(len(sizes))), _BLOCK)
     assert per_tensor == [(0, 3), (3, 6), (6, 8)]  # cut once a block holds _BLOCK elements
     # "group": a segment's tensors stay together, even past _BLOCK.
-    assert _blocks(tensors, [0, 0, 0, 0, 1, 1, 2, 2]) == [(0, 4), (4, 6), (6, 8)]
-    assert _blocks(tensors, [0] * len(sizes)) == [(0, len(sizes))]
+    assert blocks(tensors, [0, 0, 0, 0, 1, 1, 2, 2], _BLOCK) == [(0, 4), (4, 6), (6, 8)]
+    assert blocks(tensors, [0] * len(sizes), _BLOCK) == [(0, len(sizes))]
     # Segments whose tensors are not consecutive: one block (the two-pass order).
-    assert _blocks(tensors, [0, 1, 0, 1, 2, 2, 3, 3]) == [(0, len(sizes))]
+    assert blocks(tensors, [0, 1, 0, 1, 2, 2, 3, 3], _BLOCK) == [(0, len(sizes))]
 
 
 def test_several_real_blocks_equal_loop():
@@ -87,7 +88,7 @@ def test_several_real_blocks_equal_loop():
     tensors cut into several combine chunks), per tensor and as one segment, against the loop."""
     shapes = [(_BLOCK + 5,), (_BLOCK // 4,), (7,), (_BLOCK,), (64, 64, 3, 3)] * 2
     a, c = _pairs(shapes, torch.float32, ["contiguous"] * len(shapes))
-    assert _blocks(a, list(range(len(a)))) == [(0, 1), (1, 4), (4, 6), (6, 9), (9, 10)]
+    assert blocks(a, list(range(len(a))), _BLOCK) == [(0, 1), (1, 4), (4, 6), (6, 9), (9, 10)]
     assert max(x.numel() for x in a) > _CHUNK  # and a tensor cut into several combine chunks
     for granularity in ("tensor", "global"):
         want = reconstruct(a, c, clip_norm=1.0, granularity=granularity, fused=False)
@@ -111,23 +112,28 @@ _squares = st.one_of(st.floats(0.0, 1e300), st.sampled_from([0.0, 5e-324, math.i
 _dots = st.one_of(st.floats(-1e300, 1e300), st.sampled_from([0.0, -0.0, math.inf, -math.inf, math.nan]))
 
 
-@given(dot=_dots, sq_a=_squares, sq_c=_squares, scale=st.sampled_from([None, 1.0, 3.5e-20, 2.0**60]),
+_scales = st.sampled_from([None, 1.0, 3.5e-20, 2.0**60, 2.0**-1000, 2.0**1000])
+
+
+@given(dot=_dots, sq_a=_squares, sq_c=_squares, scale=_scales, scale_c=_scales,
        clip_norm=st.sampled_from([None, 0.1, 1e-30, 1e30]), rounding=st.sampled_from([0.0, 2.0**-23]),
        sum_error=st.sampled_from([0.0, 1e-3]), exact=st.sampled_from([None, 0.0, 0.5, 1e20]))
-def test_rule_on_floats_equals_rule_on_tensors(dot, sq_a, sq_c, scale, clip_norm, rounding, sum_error, exact):
+def test_rule_on_floats_equals_rule_on_tensors(dot, sq_a, sq_c, scale, scale_c, clip_norm, rounding, sum_error,
+                                               exact):
     """The CPU path runs the rule on Python floats, the device path on float64 tensors: the
     same zero policy, branches and NaN/Inf propagation, and the same values up to float64
     rounding (torch's ``sqrt`` and ``math.sqrt`` may differ by an ulp, which ``1 - cos`` or
     ``1 + cos`` would magnify near ``cos = +-1``: those inputs are left out)."""
     kwargs = dict(clip_norm=clip_norm, rounding=rounding, sum_error=sum_error)
-    on_floats = rule(dot, sq_a, sq_c, scale=scale, exact_norm=exact, ops=FloatOps, **kwargs)
+    on_floats = rule(dot, sq_a, sq_c, scale_a=scale, scale_c=scale_c, exact_norm=exact, ops=FloatOps, **kwargs)
     cos = on_floats.cosine
     assume(math.isnan(cos) or cos == 0.0 or min(abs(1 - cos), abs(1 + cos)) > 1e-6)
 
     def t(x):
         return None if x is None else torch.tensor([x], dtype=torch.float64)
 
-    on_tensors = rule(t(dot), t(sq_a), t(sq_c), scale=t(scale), exact_norm=t(exact), ops=TensorOps, **kwargs)
+    on_tensors = rule(t(dot), t(sq_a), t(sq_c), scale_a=t(scale), scale_c=t(scale_c), exact_norm=t(exact),
+                      ops=TensorOps, **kwargs)
     for name, f, x in zip(on_floats._fields, on_floats, on_tensors, strict=True):
         if name == "projected":
             assert f == bool(x.item()), name
