@@ -37,17 +37,23 @@ from agr_optim.datasets import (
 
 # ---------------------------------------------------------------------- writing the real formats
 class _Python2Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Pickles ``bytes`` as Python 2 ``str`` (what cPickle wrote for the CIFAR files)."""
+    """Pickles ``bytes`` and ``str`` as Python 2 ``str`` (what cPickle wrote for the CIFAR files).
+
+    Keys, the array's raw data and numpy's own dtype arguments (``'u1'``, ``'|'``) then load as
+    ``bytes`` under ``encoding="bytes"``, as those of the real files do.
+    """
 
     dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
 
-    def save_py2_str(self, obj: bytes) -> None:
-        n = len(obj)
+    def save_py2_str(self, obj: bytes | str) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        n = len(data)
         head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
-        self.write(head + obj)
+        self.write(head + data)
         self.memoize(obj)
 
     dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
 
 
 def write_cifar_pickle(path: Path, content: dict) -> None:
