@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -59,7 +59,7 @@ class ScalerView:
 def asked_by_grad_scaler(skip: Iterable[CodeType]) -> bool:
     """Whether the caller (past frames running ``skip`` code) is ``GradScaler._unscale_grads_``."""
     skip = tuple(skip)
-    frame = sys._getframe(2)  # 0: here, 1: the param_groups getter
+    frame: FrameType | None = sys._getframe(2)  # 0: here, 1: the param_groups getter
     while frame is not None and frame.f_code in skip:
         frame = frame.f_back  # a wrapper around the wrapper (Lightning's) forwards the read
     if frame is None or frame.f_code.co_name != "_unscale_grads_":
@@ -119,6 +119,7 @@ def read_scaler_request(
     grad_scale: Tensor | None = attributes.get("grad_scale")
     values = [found_inf.detach().to(torch.float64).reshape(())]
     if view is not None:
+        assert view.sentinel.grad is not None  # set by _new_sentinel, moved only by unscaling
         values.append(view.sentinel.grad.detach().to(device=found_inf.device, dtype=torch.float64).reshape(()))
     read = torch.stack(values).tolist()
     sentinel = read[1] if len(read) > 1 else 1.0

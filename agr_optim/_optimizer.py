@@ -368,10 +368,8 @@ class AGROptimizer(Optimizer):
             if old is None:
                 # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
                 # would be overwritten by the next backward pass, which writes into the same
-                # buffer: only such views are copied.
-                stash[p] = g.clone() if g._is_view() else g
-            elif _overlaps(old):
-                stash[p] = old + g  # in-place writes into an expanded tensor are illegal
+                # buffer, and an expanded one cannot be added to in place: only those are copied.
+                stash[p] = g.clone() if g._is_view() or _overlaps(g) else g
             else:
                 old.add_(g)
             p.grad = None
@@ -485,10 +483,12 @@ class AGROptimizer(Optimizer):
                 validate_gradients(adversarial, clean)
             except ValueError as error:
                 raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
-        if mode == "reconstruct" and any(map(_overlaps, adversarial)):
-            # Reconstructed in place below: an expanded gradient gets a dense copy first.
-            dense = {id(a): torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a)
-                     for a in adversarial if _overlaps(a)}
+        overlapping = [a for a in adversarial if _overlaps(a)] if mode == "reconstruct" else []
+        if overlapping:
+            # Reconstructed in place below, and torch refuses in-place writes into an expanded
+            # tensor: such a gradient gets a dense copy. (The clean one is only read; an expanded
+            # .grad under GradScaler is refused by GradScaler's own inf check first.)
+            dense = {id(a): torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a) for a in overlapping}
             adversarial = [dense.get(id(a), a) for a in adversarial]
             grads = [(p, a if a is None else dense.get(id(a), a)) for p, a in grads]
         segment_ids = self._segment_ids([group_index for group_index, _, _ in pairs])

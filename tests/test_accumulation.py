@@ -124,7 +124,8 @@ def test_a_second_clean_stash_over_a_left_adversarial_gradient_points_to_the_rec
     opt.stash_clean()
     F.mse_loss(model(x_adv[:4]), y[:4]).backward()
     F.mse_loss(model(x[4:]), y[4:]).backward()  # the next micro-batch's clean pass
-    with pytest.raises(RuntimeError, match="clean gradient is already stashed.*gradient accumulation.*stash_adversarial"):
+    match = "clean gradient is already stashed.*gradient accumulation.*stash_adversarial"
+    with pytest.raises(RuntimeError, match=match):
         opt.stash_clean()
     assert opt.has_stash and all(p.grad is not None for p in model.parameters())
 
@@ -150,3 +151,20 @@ def test_an_unfinished_accumulation_is_refused_and_changes_nothing(case):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
     assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
     assert opt.step_count == 0 and opt.has_stash and not opt.optimizer.state
+
+
+def test_expanded_gradients_accumulate_as_their_dense_values():
+    """An expanded .grad (no in-place add allowed) is copied when stashed, then added to."""
+    w = nn.Parameter(torch.zeros(4))
+    opt = AGROptimizer(torch.optim.SGD([w], lr=1.0), clip_norm=None)
+    clean, adversarial = torch.tensor([1.0, -1.0, 0.5, 2.0]), torch.tensor([-2.0, 1.0, 1.0, 0.0])
+    for part in range(2):
+        w.grad = torch.full((1,), 0.5).expand(4) if part == 0 else clean.clone()
+        opt.stash_clean()
+        w.grad = torch.full((1,), 0.25).expand(4) if part == 0 else adversarial.clone()
+        opt.stash_adversarial()
+    opt.step()
+    c, a = (clean + 0.5).double(), (adversarial + 0.25).double()
+    cos = (a @ c) / (a.norm() * c.norm())
+    r = a - (a @ c) / (c @ c) * c if cos <= 0 else cos * c + (1 - cos) * a
+    torch.testing.assert_close(w.detach().double(), -r, rtol=1e-6, atol=1e-7)

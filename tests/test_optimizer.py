@@ -184,6 +184,9 @@ def test_last_stats_match_reference(granularity: str, fused: bool) -> None:
     assert isinstance(stats, ReconstructionStats)
     assert stats.num_segments == {"tensor": len(keep), "group": 2, "global": 1}[granularity]
     check_stats(stats, refs, 0.05, rounding_bound([torch.float32], sum(a[i].numel() for i in keep)))
+    members = {"tensor": [(params[i],) for i in keep], "global": [tuple(params[i] for i in keep)],
+               "group": [tuple(params[i] for i in keep if groups[i] == g) for g in (0, 1)]}[granularity]
+    assert opt.last_segment_params == tuple(members)
     # The adversarial-only parameter has no clean gradient: cosine 0, identity projection.
     if granularity == "tensor":
         last = keep.index(next(i for i, p in enumerate(params) if p is model.adversarial_only))
@@ -737,23 +740,25 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused() -> None:
 
 @pytest.mark.parametrize("which", ["adversarial", "clean"])
 def test_expanded_gradient_is_reconstructed_exactly(which: str) -> None:
-    """An expanded .grad (internally overlapping: no in-place write allowed) is handled whole."""
+    """An expanded current .grad (internally overlapping: torch refuses in-place writes into it)
+    is reconstructed as the dense gradient it shows, and the user's tensor is left alone."""
     w = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))]
     opt = AGROptimizer(torch.optim.SGD(w, lr=1.0), clip_norm=0.5)
     clean = [torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.tensor([-1.0, 1.0, 2.0, 0.0])]
     adversarial = [torch.tensor([2.0, 1.0, -1.0, 0.5]), torch.tensor([0.5, -3.0, 1.0, 1.0])]
     expanded = torch.full((1,), 0.75).expand(4)
-    (clean if which == "clean" else adversarial)[1] = expanded
-    for p, g in zip(w, clean, strict=True):
-        p.grad = g if g is expanded else g.clone()
-    opt.stash_clean()
-    for p, g in zip(w, adversarial, strict=True):
+    first, second = (clean, adversarial) if which == "adversarial" else (adversarial, clean)
+    second[1] = expanded
+    for p, g in zip(w, first, strict=True):
+        p.grad = g.clone()
+    opt.stash_clean() if which == "adversarial" else opt.stash_adversarial()
+    for p, g in zip(w, second, strict=True):
         p.grad = g if g is expanded else g.clone()
     opt.step()
     r, _ = reference_agr(adversarial, clean, clip_norm=0.5, segments=[0, 1])
     for p, ri in zip(w, r, strict=True):
         torch.testing.assert_close(p.detach().double(), torch.from_numpy(-ri), rtol=1e-6, atol=1e-7)
-    assert torch.equal(expanded, torch.full((4,), 0.75))  # the user's tensor is left alone
+    assert torch.equal(expanded, torch.full((4,), 0.75))
 
 
 @pytest.mark.parametrize("start_step", [0, 5], ids=["active", "warm-start"])
