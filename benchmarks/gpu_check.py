@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -167,6 +168,8 @@ def environment() -> dict[str, Any]:
         "packages": {name: _version(name) for name in
                      ("numpy", "triton", "accelerate", "lightning", "pytest", "hypothesis", "agr_optim")},
         "git_commit": None,
+        # The lent machine gets a copy of the working tree, perhaps without .git: this names the code.
+        "source_sha256": _source_hash(),
     }
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False) \
         if _which("git") else None
@@ -192,6 +195,14 @@ def environment() -> dict[str, Any]:
             except (OSError, subprocess.SubprocessError) as error:
                 info["driver"] = f"nvidia-smi failed: {error}"
     return info
+
+
+def _source_hash() -> str:
+    """SHA-256 over the package's and the benchmarks' Python files (paths and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("agr_optim/**/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _which(program: str) -> bool:
@@ -333,7 +344,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
 
 class _AmpNet(nn.Module):
-    """A small CNN without pooling (its CUDA backward uses atomics; these runs should repeat)."""
+    """A small CNN without pooling (its CUDA backward uses atomics): two fp16 runs should repeat."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -346,7 +357,8 @@ class _AmpNet(nn.Module):
         return self.body(x)
 
 
-def _amp_setup(device: torch.device, steps: int) -> tuple[nn.Module, Any, list[tuple[torch.Tensor, ...]]]:
+def _amp_setup(device: torch.device, steps: int, clip_norm: float | None = CLIP_NORM
+               ) -> tuple[nn.Module, Any, list[tuple[torch.Tensor, ...]]]:
     """The model, its AGROptimizer(SGD) and ``steps`` batches; smaller on the CPU (fp16 is slow there)."""
     from agr_optim import AGROptimizer
 
@@ -354,7 +366,7 @@ def _amp_setup(device: torch.device, steps: int) -> tuple[nn.Module, Any, list[t
     torch.manual_seed(0)
     model = _AmpNet(size).to(device)
     opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-                       clip_norm=CLIP_NORM)
+                       clip_norm=clip_norm)
     gen = torch.Generator().manual_seed(1)
     data = []
     for _ in range(steps):
@@ -385,6 +397,7 @@ class _StepCheck:
     def __init__(self, model: nn.Module, opt: Any) -> None:
         self.model, self.opt = model, opt
         self.errors: list[float] = []
+        self.clip_norm = math.inf if opt.clip_norm is None else opt.clip_norm  # (inf: min(1, inf) = 1)
 
     def clean(self) -> None:
         self._clean = _copies(p.grad for p in self.model.parameters())
@@ -402,7 +415,7 @@ class _StepCheck:
 
         adversarial = [g / self._scale for g in self._adversarial]
         clean = [g / self._scale for g in self._clean]
-        r = per_layer_reconstruct(adversarial, clean, CLIP_NORM)
+        r = per_layer_reconstruct(adversarial, clean, self.clip_norm)
         want, got = [], []
         for p, p0, b, g in zip(self.model.parameters(), self._params, self._buffers, r, strict=True):
             d = g + WEIGHT_DECAY * p0
@@ -414,12 +427,13 @@ class _StepCheck:
         return error
 
 
-def _amp_run(device: torch.device, steps: int, mode: str, inject_inf: dict[int, str] | None = None) -> dict:
+def _amp_run(device: torch.device, steps: int, mode: str, inject_inf: dict[int, str] | None = None,
+             clip_norm: float | None = CLIP_NORM) -> dict:
     """Train ``steps`` AGR steps; ``mode``: "fp32", "fp16" (autocast + ``scaler.step``) or
     "fp16_unscale" (``scaler.unscale_(opt)`` after both backward passes, then ``scaler.step``).
     Every step taken is checked against its float64 reference (:class:`_StepCheck`).
     ``inject_inf[i]`` = "adversarial" or "clean" writes an inf into that gradient at step i."""
-    model, opt, data = _amp_setup(device, steps)
+    model, opt, data = _amp_setup(device, steps, clip_norm)
     loss_fn = nn.CrossEntropyLoss()
     fp16 = mode != "fp32"
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=10_000) if fp16 else None
@@ -474,14 +488,17 @@ def section_amp_fp16(device: torch.device, quick: bool, limit: float, save: Call
     reference = _amp_run(device, steps, "fp32")
     fp16 = _amp_run(device, steps, "fp16")
     unscaled = _amp_run(device, steps, "fp16_unscale")
+    # Clipping makes a segment's update blind to a common scale of both gradients (every
+    # segment here is clipped at 0.1 once scaled): without clipping such an error shows.
+    unclipped = _amp_run(device, steps, "fp16", clip_norm=None)
     inf = _amp_run(device, 3, "fp16", inject_inf={1: "adversarial", 2: "clean"})
     result.update(
         step_error={"fp32": max(reference["step_errors"]), "fp16": max(fp16["step_errors"]),
-                    "fp16_unscale": max(unscaled["step_errors"])},
+                    "fp16_unscale": max(unscaled["step_errors"]), "fp16_no_clip": max(unclipped["step_errors"])},
         fp16_drift_from_fp32=_relative_error(fp16["delta"], reference["delta"]),
         unscale_vs_step_relative_error=_relative_error(unscaled["delta"], fp16["delta"]),
         steps_taken={"fp32": reference["step_count"], "fp16": fp16["step_count"],
-                     "fp16_unscale": unscaled["step_count"]},
+                     "fp16_unscale": unscaled["step_count"], "fp16_no_clip": unclipped["step_count"]},
         final_scale=fp16["final_scale"],
         inf_steps_skipped=inf["skipped_as_expected"],
         inf_run_steps_taken=inf["step_count"],
@@ -624,6 +641,7 @@ def _cuda_memory(model_name: str) -> dict[str, Any]:
 def section_reconstruct_benchmark(device: torch.device, quick: bool, limit: float,
                                   save: Callable[[dict], None]) -> dict:
     from . import reconstruct
+    from ._shapes import parameter_shapes
 
     cuda = device.type == "cuda"
     deadline = time.monotonic() + limit
@@ -634,23 +652,30 @@ def section_reconstruct_benchmark(device: torch.device, quick: bool, limit: floa
         "wall time (perf_counter)"), "results": [], "memory": [], "skipped_models": []}
     if not cuda:
         result["note"] = "no CUDA device: --quick shapes on the CPU, no compile, no memory rows"
-    for name in models:
+    tensors = {name: len(parameter_shapes(name)) for name in models}
+    compile_needs, compile_failed = _COMPILE_NEEDS_S, False
+    for index, name in enumerate(models):
         left = deadline - time.monotonic()
         if left < 20:
             result["skipped_models"].append(name)
             continue
-        compiled = cuda and not quick and left >= _COMPILE_NEEDS_S
+        compiled = cuda and not quick and not compile_failed and left >= compile_needs
+        start = time.monotonic()
         model = reconstruct.run_model(name, device=device, repeats=repeats, warmup=warmup, peers=False,
                                       compiled=compiled, memory=False, quick=quick)
+        spent = time.monotonic() - start
         if cuda and not quick and not compiled:
-            model["compile_skipped"] = f"{left:.0f} s left, compiling needs about {_COMPILE_NEEDS_S:.0f} s"
+            model["compile_skipped"] = ("the compile failed on the previous model" if compile_failed else
+                                        f"{left:.0f} s left, compiling needs about {compile_needs:.0f} s")
+        if compiled:
+            compile_failed = "compile_error" in model
+            # The next model compiles about as many kernels as it has tensors; with a margin.
+            if index + 1 < len(models):
+                compile_needs = 1.3 * spent * tensors[models[index + 1]] / tensors[name]
         model["table"] = reconstruct.format_table(model)
         result["results"].append(model)
         save(result)
-    if cuda:
-        for name in models:
-            if deadline - time.monotonic() < 15:
-                break
+        if cuda and deadline - time.monotonic() >= 15:
             result["memory"].append(_cuda_memory(name))
             save(result)
     done = [m["model"] for m in result["results"]]
@@ -1031,7 +1056,7 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [f"agr_optim GPU check ({report['started_at']}): {report['elapsed_s']:.1f} s of a "
              f"{report['budget_s']:.0f} s budget, overall {report['overall'].upper()}"]
     lines.append(f"torch {env.get('torch')} (CUDA build {env.get('torch_cuda')}), Python {env.get('python')}, "
-                 f"commit {str(env.get('git_commit'))[:10]}")
+                 f"commit {str(env.get('git_commit'))[:10]}, sources {str(env.get('source_sha256'))[:12]}")
     if report["cuda"]:
         for d in env.get("devices", []):
             lines.append(f"device: {d['name']} (sm {d['capability']}, {d['total_memory_gib']} GiB), cuDNN "

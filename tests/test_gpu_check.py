@@ -41,7 +41,7 @@ def _check(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedP
 
 
 def test_cpu_run_reports_every_section(tmp_path, gpu_check):
-    done = _check(tmp_path, "--budget", "240")
+    done = _check(tmp_path, "--budget", "400", timeout=600)  # generous: a loaded shared machine
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["schema_version"] == gpu_check.SCHEMA_VERSION and report["cuda"] is False and report["quick"]
