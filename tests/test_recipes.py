@@ -458,7 +458,9 @@ def test_trades_with_the_authors_cross_entropy_attack():
     w = model[1].weight.detach()
     onehot = torch.nn.functional.one_hot(y, 3).to(DTYPE)
     grad_x = ((softmax_ref(model(x).detach()) - onehot) @ w).reshape(x.shape)
-    out = trades_step(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=PGD(eps, eps, 1, random_start="none"))
+    out = trades_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=PGD(eps, eps, 1, random_start="none")
+    )
     torch.testing.assert_close(out.x_adv, (x + eps * grad_x.sign()).clamp(0, 1), rtol=0, atol=1e-12)
 
 
@@ -475,8 +477,9 @@ def test_avmixup_label_smoothing_matches_the_avmixup_objective():
     logits = model(x_mix)
     log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     expected = -(target.float() * log_p.float()).sum(dim=1).mean()
-    out = avmixup_with_seed(model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=fixed(x_adv),
-                            label_smoothing=(0.5, 0.7))
+    out = avmixup_with_seed(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), x, y, attack=fixed(x_adv), label_smoothing=(0.5, 0.7)
+    )
     torch.testing.assert_close(out.loss, expected.to(out.loss.dtype), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.logits, logits.detach(), rtol=0, atol=ATOL)
 

@@ -124,7 +124,11 @@ def _check_beta(beta: float) -> None:
 
 
 def _finish(
-    optimizer: Optimizer, scaler: torch.amp.GradScaler | None, loss: Tensor, clean_loss: Tensor | None, x_adv: Tensor,
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    loss: Tensor,
+    clean_loss: Tensor | None,
+    x_adv: Tensor,
     logits: Tensor,
 ) -> StepOutput:
     _backward(loss, scaler)

@@ -1,0 +1,998 @@
+r"""``agr-train``: the paper's adversarial-training experiments end to end, from local data.
+
+One command trains a model with an adversarial-training method (PGD-AT, TRADES, MART, AWP or
+AVmixup), with or without :class:`~agr_optim.AGROptimizer`, in the protocol of the AGR code
+(``train.py`` of RUIYUN-ML/AGR; Tong et al., *Balancing Generalization and Robustness in
+Adversarial Training via Steering through Clean and Adversarial Gradient Directions*, ACM MM
+2024), evaluates clean and PGD-20 accuracy, logs the AGR statistics and checkpoints every epoch::
+
+    agr-train --preset paper --dataset cifar10 --data-dir ~/data/cifar-10-batches-py \
+              --model preactresnet18 --method at --agr --device cuda --out runs/at_agr
+    agr-train --out runs/at_agr --resume          # continues a stopped run exactly
+
+``--preset paper`` is the authors' protocol (:data:`PRESETS`); ``--preset quick`` (the default) is
+the same shape on a short schedule, on scikit-learn's digits with a small CNN. Every value is
+printed and saved in ``config.json``; any flag overrides the preset.
+
+The training step, per batch (the authors' order): the attack (PGD in eval mode), then in train
+mode the clean forward pass (BatchNorm sees the clean batch in every arm and every epoch,
+``clean_pass="always"`` of :mod:`agr_optim.recipes`), the method's adversarial objective, and the
+step: with AGR from ``--agr-start-epoch`` (0-based) on, the AGR update of the clean and the
+adversarial gradients; before it, and with ``--no-agr``, the adversarial gradient alone (no clean
+backward pass is paid then).
+
+Outputs in ``--out``: ``config.json``, ``metrics.csv`` (one row per epoch, epochs 0-based),
+``summary.json`` (final and best figures, AutoAttack), ``curves.png``, ``checkpoint_last.pt``
+(every epoch, written atomically: model, optimizer with its AGR state, scheduler, GradScaler, every
+random stream, metrics so far) and ``checkpoint_best.pt`` (best PGD robust test accuracy).
+
+The Python entry points are :func:`main`, :func:`resolve`, :class:`Trainer` and :func:`train`;
+``agr-demo`` (:mod:`agr_optim.demo`) is a paired study on the same :class:`Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from . import AGROptimizer, StatsAccumulator
+from .recipes import PGD, avmixup_step, awp_step, mart_step, pgd_at_step, trades_step
+
+__all__ = ["PRESETS", "TrainConfig", "Trainer", "ConfigError", "resolve", "train", "main", "METRIC_COLUMNS"]
+
+METHODS = ("at", "trades", "mart", "awp", "avmixup")
+METHOD_NAMES = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "avmixup": "AVmixup"}
+DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "mnist5k", "digits", "npz")
+MODELS = ("preactresnet18", "wrn34-10", "smallcnn")
+AMP_MODES = ("none", "bf16", "fp16")
+PAPER_AGR_START_FRACTION = 155 / 200  # AGR from epoch 155 of 200, after the last lr decay (150)
+
+#: The presets' values. ``lr_milestones`` and ``agr_start_epoch`` may be ``None``: they then
+#: follow ``epochs`` (x0.1 at 50 % and 75 %, AGR from 77.5 %: the paper's 100, 150, 155 of 200).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "dataset": "cifar10",
+        "model": "preactresnet18",
+        "method": "at",
+        "agr": True,
+        "epochs": 200,
+        "batch_size": 128,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "lr_milestones": None,
+        "lr_gamma": 0.1,
+        "agr_start_epoch": None,
+        "clip_norm": 0.1,
+        "eps": 8 / 255,
+        "attack_step": 2 / 255,
+        "attack_steps": 10,
+        "eval_steps": 20,
+        "eval_every": 1,
+        "crop_padding": 4,
+        "flip": True,
+        "cutout": "authors",
+        "image_size": 32,
+        "clean_pass": "always",
+        "trades_attack": "ce",
+        "beta": 6.0,
+        "awp_gamma": 0.01,
+        "autoattack_samples": 1000,
+    },
+}
+PRESETS["quick"] = {
+    **PRESETS["paper"],
+    "dataset": "digits",
+    "model": "smallcnn",
+    "epochs": 20,
+    "batch_size": 64,
+    "eps": 0.1,
+    "attack_step": 0.025,
+    "eval_every": 5,
+    "crop_padding": 1,
+    "flip": False,  # digits are not mirror-symmetric
+    "cutout": None,
+    "image_size": None,
+    "autoattack_samples": 0,
+}
+
+#: The columns of ``metrics.csv``; the AGR columns are empty in epochs without AGR steps,
+#: the test columns in epochs without evaluation.
+METRIC_COLUMNS = (
+    "epoch",
+    "lr",
+    "agr_active",
+    "train_loss",
+    "train_robust_acc",
+    "test_clean_acc",
+    "test_robust_acc",
+    "agr_cosine",
+    "agr_projection_rate",
+    "agr_norm_adversarial",
+    "agr_norm_clean",
+    "agr_norm_difference",
+    "agr_l2_distance",
+    "agr_clip_rate",
+    "agr_projection_rate_nonzero",
+    "seconds",
+    "eval_seconds",
+)
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag and says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one run (what ``config.json`` holds). Epochs are 0-based."""
+
+    out: str
+    preset: str = "quick"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "smallcnn"
+    method: str = "at"
+    agr: bool = True
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[int, ...] = (10, 15)
+    lr_gamma: float = 0.1
+    agr_start_epoch: int = 15
+    clip_norm: float | None = 0.1
+    eps: float = 0.1
+    attack_step: float = 0.025
+    attack_steps: int = 10
+    eval_steps: int = 20
+    eval_every: int = 5
+    crop_padding: int = 1
+    flip: bool = True
+    cutout: int | str | None = None
+    image_size: int | None = None
+    clean_pass: str = "always"
+    trades_attack: str = "ce"
+    beta: float = 6.0
+    awp_gamma: float = 0.01
+    autoattack_samples: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "none"
+    compile: bool = False
+    threads: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config.json has unknown settings {unknown}; was it written by another version?")
+        d = dict(d)
+        d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
+        return TrainConfig(**d)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch``: ``lr * lr_gamma ** (milestones <= epoch)``."""
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+
+    def agr_on(self, epoch: int) -> bool:
+        return self.agr and epoch >= self.agr_start_epoch
+
+    def evaluates(self, epoch: int) -> bool:
+        return (epoch + 1) % self.eval_every == 0 or epoch == self.epochs - 1
+
+
+# ---------------------------------------------------------------------- flags
+def _cutout_flag(text: str) -> int | str:
+    if text == "authors":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'authors' or an integer, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> _Parser:
+    p = _Parser(
+        prog="agr-train",
+        description="Adversarial training with or without AGR, in the paper's protocol, from local data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # unset flags keep the preset's value
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the protocol's values (default: quick)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", help="dataset folder (CIFAR pickles, tiny-imagenet-200) or the .npz file")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--agr", action=argparse.BooleanOptionalAction, help="AGROptimizer from --agr-start-epoch on")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="SGD learning rate (momentum 0.9, weight decay 5e-4 in both presets)")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr-milestones", help="comma-separated 0-based epochs where lr is multiplied by 0.1")
+    p.add_argument("--agr-start-epoch", type=int, help="first 0-based epoch with AGR steps (the paper: 155)")
+    p.add_argument("--clip-norm", type=float, help="AGR per-tensor clip norm (0: no clipping)")
+    p.add_argument("--eps", type=float, help="L-inf radius, data in [0, 1]")
+    p.add_argument("--attack-step", type=float, help="PGD step size (training and evaluation)")
+    p.add_argument("--attack-steps", type=int, help="PGD steps for training")
+    p.add_argument("--eval-steps", type=int, help="PGD steps for evaluation")
+    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0: no crop)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    p.add_argument(
+        "--cutout", type=_cutout_flag, help="Cutout: 'authors' (torchtoolbox's rectangle), a square side, 0: none"
+    )
+    p.add_argument("--image-size", type=int, help="resize images to this side (the authors: 32, also Tiny-ImageNet)")
+    p.add_argument(
+        "--clean-pass", choices=("always", "needed"), help="the clean forward pass on every step or only for AGR"
+    )
+    p.add_argument(
+        "--trades-attack", choices=("ce", "kl"), help="TRADES training attack: cross-entropy (AGR code) or KL"
+    )
+    p.add_argument("--beta", type=float, help="TRADES/MART regularization weight")
+    p.add_argument("--awp-gamma", type=float, help="AWP weight-perturbation size")
+    p.add_argument(
+        "--autoattack-samples", type=int, help="AutoAttack (torchattacks) on this many test images at the end"
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype on CUDA (fp16 with a GradScaler)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", help="output folder (must be new or empty, unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    return p
+
+
+_FLAG_FIELDS = {f.name for f in fields(TrainConfig)} - {"preset"}
+
+
+def resolve(args: dict[str, Any]) -> tuple[TrainConfig, dict[str, str]]:
+    """Preset + flags -> a validated :class:`TrainConfig` and where each value came from.
+
+    ``args`` maps :class:`TrainConfig` field names to flag values (unset flags absent).
+    Raises :class:`ConfigError` naming the flag; touches nothing on disk.
+    """
+    preset_name = args.get("preset", "quick")
+    if preset_name not in PRESETS:
+        raise ConfigError(f"unknown --preset {preset_name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    values: dict[str, Any] = dict(PRESETS[preset_name])
+    sources = {k: f"preset {preset_name}" for k in values}
+    unknown = sorted(set(args) - _FLAG_FIELDS - {"preset"})
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}")
+    for key, value in args.items():
+        if key != "preset":
+            values[key] = value
+            sources[key] = "flag"
+    if "out" not in values:
+        raise ConfigError("--out is required: the folder for the metrics, checkpoints and plots")
+    if isinstance(values.get("lr_milestones"), str):
+        try:
+            values["lr_milestones"] = tuple(int(v) for v in values["lr_milestones"].split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(
+                f"--lr-milestones must be comma-separated integers, got {values['lr_milestones']!r}"
+            ) from None
+    epochs = values["epochs"]
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if values["lr_milestones"] is None:
+        values["lr_milestones"] = tuple(sorted({m for m in (epochs // 2, (3 * epochs) // 4) if m > 0}))
+        sources["lr_milestones"] = "derived from epochs (50 %, 75 %)"
+    if values["agr_start_epoch"] is None:
+        values["agr_start_epoch"] = min(math.floor(PAPER_AGR_START_FRACTION * epochs), epochs - 1)
+        sources["agr_start_epoch"] = "derived from epochs (77.5 %, the paper's 155 of 200)"
+    if values.get("clip_norm") == 0:
+        values["clip_norm"] = None
+    if values.get("cutout") == 0:
+        values["cutout"] = None
+    values["lr_milestones"] = tuple(values["lr_milestones"])
+    cfg = TrainConfig(preset=preset_name, **values)
+    _validate(cfg)
+    for f in fields(TrainConfig):
+        sources.setdefault(f.name, "default")
+    return cfg, sources
+
+
+def _validate(cfg: TrainConfig) -> None:
+    def need(ok: bool, flag: str, what: str, value: object) -> None:
+        if not ok:
+            raise ConfigError(f"--{flag} must be {what}, got {value!r}")
+
+    def finite(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(cfg.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}", cfg.dataset)
+    need(cfg.model in MODELS, "model", f"one of {', '.join(MODELS)}", cfg.model)
+    need(cfg.method in METHODS, "method", f"one of {', '.join(METHODS)}", cfg.method)
+    need(cfg.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", cfg.amp)
+    need(integer(cfg.batch_size) and cfg.batch_size >= 1, "batch-size", "an integer >= 1", cfg.batch_size)
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "> 0", cfg.lr)
+    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1, "momentum", "in [0, 1)", cfg.momentum)
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight-decay", ">= 0", cfg.weight_decay)
+    need(all(integer(m) and 0 < m for m in cfg.lr_milestones), "lr-milestones", "epochs > 0", cfg.lr_milestones)
+    need(finite(cfg.lr_gamma) and 0 < cfg.lr_gamma <= 1, "lr-gamma", "in (0, 1]", cfg.lr_gamma)
+    need(
+        integer(cfg.agr_start_epoch) and 0 <= cfg.agr_start_epoch < cfg.epochs,
+        "agr-start-epoch",
+        f"a 0-based epoch in [0, {cfg.epochs - 1}] (--epochs {cfg.epochs})",
+        cfg.agr_start_epoch,
+    )
+    need(cfg.clip_norm is None or (finite(cfg.clip_norm) and cfg.clip_norm > 0), "clip-norm", ">= 0", cfg.clip_norm)
+    need(finite(cfg.eps) and 0 < cfg.eps <= 1, "eps", "in (0, 1] (data are in [0, 1])", cfg.eps)
+    need(finite(cfg.attack_step) and cfg.attack_step > 0, "attack-step", "> 0", cfg.attack_step)
+    need(integer(cfg.attack_steps) and cfg.attack_steps >= 1, "attack-steps", "an integer >= 1", cfg.attack_steps)
+    need(integer(cfg.eval_steps) and cfg.eval_steps >= 1, "eval-steps", "an integer >= 1", cfg.eval_steps)
+    need(integer(cfg.eval_every) and cfg.eval_every >= 1, "eval-every", "an integer >= 1", cfg.eval_every)
+    need(integer(cfg.crop_padding) and cfg.crop_padding >= 0, "crop-padding", "an integer >= 0", cfg.crop_padding)
+    need(
+        cfg.cutout in (None, "authors") or (integer(cfg.cutout) and cfg.cutout > 0),
+        "cutout",
+        "'authors' or an integer >= 0",
+        cfg.cutout,
+    )
+    need(
+        cfg.image_size is None or (integer(cfg.image_size) and cfg.image_size >= 2),
+        "image-size",
+        "an integer >= 2",
+        cfg.image_size,
+    )
+    need(cfg.clean_pass in ("always", "needed"), "clean-pass", "always or needed", cfg.clean_pass)
+    need(cfg.trades_attack in ("ce", "kl"), "trades-attack", "ce or kl", cfg.trades_attack)
+    need(finite(cfg.beta) and cfg.beta >= 0, "beta", ">= 0", cfg.beta)
+    need(finite(cfg.awp_gamma) and cfg.awp_gamma >= 0, "awp-gamma", ">= 0", cfg.awp_gamma)
+    need(
+        integer(cfg.autoattack_samples) and cfg.autoattack_samples >= 0,
+        "autoattack-samples",
+        ">= 0",
+        cfg.autoattack_samples,
+    )
+    need(integer(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    need(cfg.threads is None or (integer(cfg.threads) and cfg.threads >= 1), "threads", "an integer >= 1", cfg.threads)
+    need(
+        cfg.dataset not in ("cifar10", "cifar100", "tiny-imagenet", "npz") or cfg.data_dir is not None,
+        "data-dir",
+        f"given for --dataset {cfg.dataset} (nothing is downloaded)",
+        cfg.data_dir,
+    )
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(f"invalid --device {cfg.device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device!r}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {cfg.device!r}: MPS is not available on this machine; use --device cpu")
+    if cfg.amp != "none" and device.type != "cuda":
+        raise ConfigError(f"--amp {cfg.amp} needs --device cuda (got {cfg.device!r}); use --amp none")
+    if cfg.autoattack_samples > 0:
+        try:
+            import torchattacks  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"--autoattack-samples {cfg.autoattack_samples} needs torchattacks: "
+                'pip install --no-deps "torchattacks==3.5.1", or pass --autoattack-samples 0'
+            ) from None
+
+
+def unwritable(out: str) -> str | None:
+    """Why ``out`` cannot be (created and) written, or ``None``; creates nothing."""
+    path = os.path.abspath(out)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} exists and is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no write permission in {probe!r}"
+    return None
+
+
+# ---------------------------------------------------------------------- files
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file beside ``path``, then rename: never a half-written file.
+
+    The temporary file is created with mode 0666 minus the umask, like ``open(path, "w")``
+    (``tempfile.mkstemp`` would leave 0600).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in METRIC_COLUMNS})
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------- the engine
+def _step_function(cfg: TrainConfig, generator: torch.Generator) -> Callable[..., Any]:
+    """The recipe step with the configured attack, as a function ``(model, opt, x, y, scaler)``."""
+    attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps)
+    common = {"clean_pass": cfg.clean_pass}
+    if cfg.method == "at":
+        return lambda m, o, x, y, s: pgd_at_step(m, o, x, y, attack=attack, scaler=s, **common)
+    if cfg.method == "trades":
+        if cfg.trades_attack == "kl":
+            attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps, loss="kl", random_start="normal")
+        return lambda m, o, x, y, s: trades_step(m, o, x, y, beta=cfg.beta, attack=attack, scaler=s, **common)
+    if cfg.method == "mart":
+        return lambda m, o, x, y, s: mart_step(m, o, x, y, beta=cfg.beta, attack=attack, scaler=s, **common)
+    if cfg.method == "awp":
+        return lambda m, o, x, y, s: awp_step(m, o, x, y, gamma=cfg.awp_gamma, attack=attack, scaler=s, **common)
+    return lambda m, o, x, y, s: avmixup_step(m, o, x, y, attack=attack, generator=generator, scaler=s, **common)
+
+
+class _EpochSums:
+    """Per-epoch sums kept on the device (no host read per step); read once at the end.
+
+    The AGR figures are :class:`~agr_optim.StatsAccumulator`'s with ``min_norm_ratio=None``: the
+    AGR code's means over every parameter tensor and step. The projection rate without the
+    near-zero segments (conv biases before BatchNorm, whose cosine is rounding noise) is logged
+    beside it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.train = torch.zeros(3, dtype=dtype, device=device)  # loss * n, correct, n
+        self.agr = StatsAccumulator(min_norm_ratio=None)
+        self.agr_without_near_zero = StatsAccumulator()
+
+    def add_batch(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        n = torch.full((), y.shape[0], dtype=self.train.dtype, device=self.train.device)
+        correct = (logits.argmax(dim=1) == y).sum().to(self.train.dtype)
+        self.train += torch.stack([loss.detach().to(self.train.dtype) * n, correct, n])
+
+    def add_agr(self, optimizer: AGROptimizer) -> None:
+        self.agr.update(optimizer)
+        self.agr_without_near_zero.update(optimizer)
+
+    def running(self) -> tuple[float, float]:
+        loss_n, correct, n = self.train.tolist()
+        return (loss_n / n, correct / n) if n else (math.nan, math.nan)
+
+    def finish(self) -> dict[str, float | None]:
+        loss, acc = self.running()
+        row: dict[str, float | None] = {"train_loss": loss, "train_robust_acc": acc}
+        counted = self.agr.steps > 0
+        means = self.agr.compute() if counted else {}
+        for column, key in _AGR_COLUMNS.items():
+            row[column] = means[key] if counted else None
+        row["agr_projection_rate_nonzero"] = (
+            self.agr_without_near_zero.compute()["projection_rate"] if counted else None
+        )
+        return row
+
+
+_AGR_COLUMNS = {
+    "agr_cosine": "cosine",
+    "agr_projection_rate": "projection_rate",
+    "agr_norm_adversarial": "norm_adversarial",
+    "agr_norm_clean": "norm_clean",
+    "agr_norm_difference": "norm_difference",
+    "agr_l2_distance": "l2_distance",
+    "agr_clip_rate": "clip_rate",
+}
+
+
+def load_data(cfg: TrainConfig) -> Any:
+    """Load ``cfg.dataset`` from local files, its tensors moved to ``cfg.device`` (an
+    :class:`agr_optim.datasets.Dataset`; raises :class:`agr_optim.datasets.DatasetError`)."""
+    from .datasets import load_dataset
+
+    ds = load_dataset(cfg.dataset, cfg.data_dir, seed=0, image_size=cfg.image_size)
+    device = torch.device(cfg.device)
+    moved = {k: getattr(ds, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+    return replace(ds, **moved)
+
+
+class Trainer:
+    """Model, optimizer, schedule and random streams of one run; one epoch at a time.
+
+    Every random stream is the trainer's own (the global streams are swapped in for its epochs
+    and saved after), so several trainers in one process (``agr-demo``'s arms) do not disturb
+    each other, and :meth:`state_dict` / :meth:`load_state_dict` resume exactly.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: Any) -> None:
+        from .models import build_model
+
+        self.cfg, self.data = cfg, data
+        self.device = torch.device(cfg.device)
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.manual_seed(cfg.seed)
+            self.module = build_model(
+                cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size
+            ).to(self.device)
+            self.rng_cpu = torch.random.default_generator.get_state()
+            self.rng_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        if cuda:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.model: nn.Module = torch.compile(self.module) if cfg.compile else self.module
+        self.sgd = torch.optim.SGD(
+            self.module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        # AGR from its first epoch on; before it the inner SGD steps alone (the warm start).
+        self.agr = AGROptimizer(self.sgd, clip_norm=cfg.clip_norm, start_step=0) if cfg.agr else None
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.sgd, list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.order = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # data order
+        self.augment_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # crops, flips, AVmixup
+        self.epoch = 0  # epochs done
+        self.metrics: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self._step = _step_function(cfg, self.augment_rng)
+
+    # ------------------------------------------------------------------ state
+    def optimizer_for(self, epoch: int) -> torch.optim.Optimizer:
+        return self.agr if self.agr is not None and self.cfg.agr_on(epoch) else self.sgd
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.module.state_dict(),
+            "optimizer": (self.agr if self.agr is not None else self.sgd).state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": {
+                "cpu": self.rng_cpu,
+                "cuda": self.rng_cuda,
+                "order": self.order.get_state(),
+                "augment": self.augment_rng.get_state(),
+            },
+            "metrics": copy.deepcopy(self.metrics),
+            "best": copy.deepcopy(self.best),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, optimizer: bool = True) -> None:
+        self.module.load_state_dict(state["model"])
+        if optimizer:
+            (self.agr if self.agr is not None else self.sgd).load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        self.rng_cpu = rng["cpu"].clone()
+        self.rng_cuda = None if rng["cuda"] is None else rng["cuda"].clone()
+        self.order.set_state(rng["order"])
+        self.augment_rng.set_state(rng["augment"])
+        self.epoch = int(state["epoch"])
+        self.metrics = copy.deepcopy(state["metrics"])
+        self.best = copy.deepcopy(state["best"])
+
+    def fork(self, **changes: Any) -> Trainer:
+        """A copy of this run's state with other settings (``agr=True`` for the AGR arm of a
+        shared warm start): same weights, momentum, schedule, random streams and metrics."""
+        twin = Trainer(replace(self.cfg, **changes), self.data)
+        # Deep copies: Optimizer.load_state_dict keeps the given momentum tensors when their dtype
+        # and device already fit, and this arm's next step would then move the twin's momentum.
+        twin.load_state_dict(copy.deepcopy(self.state_dict()), optimizer=False)
+        twin.sgd.load_state_dict(copy.deepcopy(self.sgd.state_dict()))
+        return twin
+
+    @contextlib.contextmanager
+    def _own_streams(self) -> Iterator[None]:
+        """Swap this trainer's streams into the global generators for the block; save them after."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.random.default_generator.set_state(self.rng_cpu)
+            if cuda:
+                torch.cuda.set_rng_state(self.rng_cuda, self.device)
+            yield
+            self.rng_cpu = torch.random.default_generator.get_state()
+            if cuda:
+                self.rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float32).div_(255.0)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, progress: Callable[[int, int, _EpochSums], None] | None = None) -> dict[str, Any]:
+        """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row."""
+        from .datasets import augment, batches
+
+        cfg, epoch = self.cfg, self.epoch
+        opt = self.optimizer_for(epoch)
+        sums = _EpochSums(self.device)
+        n = self.data.y_train.shape[0]
+        total = (n + cfg.batch_size - 1) // cfg.batch_size
+        lr = self.sgd.param_groups[0]["lr"]
+        start = time.perf_counter()
+        with self._own_streams():
+            self.model.train()
+            for i, (xb, yb) in enumerate(
+                batches(self.data.x_train, self.data.y_train, cfg.batch_size, shuffle=True, generator=self.order)
+            ):
+                x = augment(
+                    self._prepare(xb),
+                    padding=cfg.crop_padding,
+                    flip=cfg.flip,
+                    cutout=cfg.cutout,
+                    generator=self.augment_rng,
+                )
+                with self._autocast():
+                    out = self._step(self.model, opt, x, yb, self.scaler)
+                sums.add_batch(out.loss, out.logits, yb)
+                if opt is self.agr:
+                    sums.add_agr(self.agr)
+                if progress is not None:
+                    progress(i + 1, total, sums)
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "agr_active": int(opt is self.agr)}
+        row.update(sums.finish())
+        row.update({"test_clean_acc": None, "test_robust_acc": None, "seconds": seconds, "eval_seconds": None})
+        if cfg.evaluates(epoch):
+            start = time.perf_counter()
+            row["test_clean_acc"], row["test_robust_acc"] = self.evaluate()
+            row["eval_seconds"] = time.perf_counter() - start
+            if self.best is None or row["test_robust_acc"] > self.best["test_robust_acc"]:
+                self.best = dict(row)
+        self.metrics.append(row)
+        self.epoch += 1
+        return row
+
+    def evaluate(self, *, batch_size: int = 256) -> tuple[float, float]:
+        """Clean and PGD (``eval_steps``) test accuracy; attack starts from a seed of their own,
+        the same for every epoch and both arms of a study, so training streams are untouched."""
+        cfg = self.cfg
+        attack = PGD(cfg.eps, cfg.attack_step, cfg.eval_steps)
+        cuda = self.device.type == "cuda"
+        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.manual_seed(10_000 + cfg.seed)
+            self.model.eval()
+            for i in range(0, self.data.y_test.shape[0], batch_size):
+                x = self._prepare(self.data.x_test[i : i + batch_size])
+                y = self.data.y_test[i : i + batch_size]
+                with self._autocast():
+                    with torch.no_grad():
+                        clean = self.model(x).argmax(dim=1)
+                    x_adv = attack(self.model, x, y)
+                    with torch.no_grad():
+                        robust = self.model(x_adv).argmax(dim=1)
+                counts += torch.stack([(clean == y).sum(), (robust == y).sum()])
+            self.model.train()
+        clean_correct, robust_correct = counts.tolist()
+        n = self.data.y_test.shape[0]
+        return clean_correct / n, robust_correct / n
+
+
+# ---------------------------------------------------------------------- a run with its files
+def _screen_line(cfg: TrainConfig, row: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "   -  " if v is None else f"{100 * v:6.2f}"
+
+    text = (
+        f"epoch {row['epoch']:>3}/{cfg.epochs - 1} lr {row['lr']:.4g} loss {row['train_loss']:.4f} "
+        f"train-rob {pct(row['train_robust_acc'])} test clean {pct(row['test_clean_acc'])} "
+        f"rob {pct(row['test_robust_acc'])}"
+    )
+    if row["agr_cosine"] is not None:
+        text += (
+            f" | AGR cos {row['agr_cosine']:+.4f} proj {row['agr_projection_rate']:.3f} "
+            f"|a| {row['agr_norm_adversarial']:.4f} |c| {row['agr_norm_clean']:.4f} "
+            f"diff {row['agr_norm_difference']:+.4f} l2 {row['agr_l2_distance']:.4f}"
+        )
+    return text + f" | {row['seconds']:.1f} s"
+
+
+def _progress_bar(cfg: TrainConfig, epoch: int) -> tuple[Callable[[int, int, _EpochSums], None] | None, Any]:
+    """A tqdm bar on a terminal (running loss and robust accuracy every few steps), else None."""
+    if not sys.stderr.isatty():
+        return None, None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None, None
+    bar = tqdm(total=None, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int, sums: _EpochSums) -> None:
+        bar.total = total
+        if done % max(1, total // 20) == 0 or done == total:  # a host read: not every step
+            loss, acc = sums.running()
+            bar.set_postfix_str(f"loss {loss:.4f} train-rob {100 * acc:.2f}", refresh=False)
+        bar.update(1)
+
+    return update, bar
+
+
+def _plot_curves(cfg: TrainConfig, rows: Sequence[dict[str, Any]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    epochs = [r["epoch"] for r in rows]
+    for key, label in (
+        ("train_robust_acc", "train robust"),
+        ("test_clean_acc", "test clean"),
+        ("test_robust_acc", f"test PGD-{cfg.eval_steps}"),
+    ):
+        pts = [(r["epoch"], 100 * r[key]) for r in rows if r[key] is not None]
+        if pts:
+            left.plot(*zip(*pts, strict=True), marker="." if len(pts) < 30 else None, label=label)
+    left.set_xlabel("epoch (0-based)")
+    left.set_ylabel("accuracy (%)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    for key, label in (("agr_cosine", "mean cosine"), ("agr_projection_rate", "projection rate")):
+        pts = [(r["epoch"], r[key]) for r in rows if r[key] is not None]
+        if pts:
+            right.plot(*zip(*pts, strict=True), marker=".", label=label)
+    for ax in (left, right):
+        if cfg.agr:
+            ax.axvline(cfg.agr_start_epoch, color="0.5", ls="--", lw=0.8)
+        for m in cfg.lr_milestones:
+            ax.axvline(m, color="0.8", ls=":", lw=0.8)
+    right.set_xlabel("epoch (0-based)")
+    right.set_title("AGR statistics (epoch means)" if cfg.agr else "no AGR in this run", fontsize=9)
+    right.grid(alpha=0.3)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
+    left.set_xlim(-0.5, max(epochs[-1], cfg.epochs - 1) + 0.5)
+    fig.suptitle(f"{METHOD_NAMES[cfg.method]}{'+AGR' if cfg.agr else ''} on {cfg.dataset}, {cfg.model}", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return True
+
+
+def _autoattack(trainer: Trainer, best_state: dict[str, Any] | None) -> dict[str, Any]:
+    """AutoAttack (torchattacks, standard L-inf) on the first samples of the test set, on the best
+    checkpoint's weights (the last ones when nothing was evaluated)."""
+    import torchattacks
+
+    cfg = trainer.cfg
+    model = copy.deepcopy(trainer.module)
+    which = "last"
+    if best_state is not None:
+        model.load_state_dict(best_state["model"])
+        which = f"best (epoch {best_state['epoch']})"
+    model.eval()
+    n = min(cfg.autoattack_samples, trainer.data.y_test.shape[0])
+    atk = torchattacks.AutoAttack(
+        model, norm="Linf", eps=cfg.eps, version="standard", n_classes=trainer.data.num_classes, seed=cfg.seed
+    )
+    correct = 0
+    start = time.perf_counter()
+    for i in range(0, n, 256):
+        x = trainer.data.x_test[i : min(i + 256, n)].to(torch.float32) / 255.0
+        y = trainer.data.y_test[i : min(i + 256, n)]
+        x_adv = atk(x, y)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(dim=1) == y).sum())
+    return {"checkpoint": which, "samples": n, "robust_acc": correct / n, "seconds": time.perf_counter() - start}
+
+
+def _summary(trainer: Trainer, autoattack: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = trainer.cfg
+    return {
+        "method": cfg.method,
+        "agr": cfg.agr,
+        "agr_start_epoch": cfg.agr_start_epoch if cfg.agr else None,
+        "epochs_done": trainer.epoch,
+        "epochs": cfg.epochs,
+        "complete": trainer.epoch == cfg.epochs,
+        "final": trainer.metrics[-1] if trainer.metrics else None,
+        "best": trainer.best,
+        "autoattack": autoattack,
+        "seconds_per_epoch": (sum(r["seconds"] for r in trainer.metrics) / len(trainer.metrics))
+        if trainer.metrics
+        else None,
+    }
+
+
+def _save_epoch(trainer: Trainer, out: str) -> None:
+    state = trainer.state_dict()
+    atomic_write(os.path.join(out, "checkpoint_last.pt"), lambda tmp: torch.save(state, tmp))
+    if trainer.best is not None and trainer.best["epoch"] == trainer.epoch - 1:
+        best = {"epoch": trainer.best["epoch"], "model": state["model"], "metrics": trainer.best}
+        atomic_write(os.path.join(out, "checkpoint_best.pt"), lambda tmp: torch.save(best, tmp))
+    write_text(os.path.join(out, "metrics.csv"), metrics_csv(trainer.metrics))
+    write_json(os.path.join(out, "summary.json"), _summary(trainer, None))
+
+
+def _print_config(cfg: TrainConfig, sources: dict[str, str], log: Callable[[str], None]) -> None:
+    log(f"agr-train: {METHOD_NAMES[cfg.method]}{' + AGR' if cfg.agr else ''}, preset {cfg.preset}; every setting:")
+    for key, value in cfg.to_json().items():
+        log(f"  {key:<20} {value!r:<28} ({sources.get(key, 'default')})")
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    sources: dict[str, str] | None = None,
+    on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the training in ``cfg.out``; returns the summary (also in ``summary.json``).
+
+    The data are loaded, and every check is done, before anything is written. ``on_epoch`` is
+    called after each epoch's files are written.
+    """
+    out = cfg.out
+    problem = unwritable(out)
+    if problem:
+        raise ConfigError(f"cannot write to --out {out!r}: {problem}")
+    checkpoint = os.path.join(out, "checkpoint_last.pt")
+    state = None
+    if resume:
+        if not os.path.isfile(checkpoint):
+            raise ConfigError(f"--resume: no checkpoint_last.pt in --out {out!r}; start the run without --resume")
+        state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
+    elif os.path.isdir(out) and os.listdir(out):
+        raise ConfigError(f"--out {out!r} exists and is not empty; pass --resume to continue it or choose a new folder")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    from .datasets import DatasetError
+
+    try:
+        data = load_data(cfg)
+    except DatasetError as error:
+        raise ConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir!r}: {error}") from None
+    trainer = Trainer(cfg, data)
+    if state is not None:
+        trainer.load_state_dict(state)
+        log(f"agr-train: resuming {out} after epoch {trainer.epoch - 1} (0-based) of {cfg.epochs}")
+    else:
+        _print_config(cfg, sources or {}, log)
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "config.json"), cfg.to_json())
+    agr_text = f"from epoch {cfg.agr_start_epoch} (0-based)" if cfg.agr else "off"
+    log(
+        f"agr-train: {data.name}: {data.y_train.shape[0]} train / {data.y_test.shape[0]} test images, "
+        f"{data.num_classes} classes; AGR {agr_text}"
+    )
+    while trainer.epoch < cfg.epochs:
+        progress, bar = _progress_bar(cfg, trainer.epoch)
+        try:
+            row = trainer.train_epoch(progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        _save_epoch(trainer, out)
+        log(_screen_line(cfg, row))
+        if on_epoch is not None:
+            on_epoch(trainer, row)
+    autoattack = None
+    if cfg.autoattack_samples > 0:
+        best_path = os.path.join(out, "checkpoint_best.pt")
+        best = torch.load(best_path, map_location=cfg.device, weights_only=False) if os.path.isfile(best_path) else None
+        autoattack = _autoattack(trainer, best)
+        log(
+            f"agr-train: AutoAttack on {autoattack['samples']} test images ({autoattack['checkpoint']}): "
+            f"{100 * autoattack['robust_acc']:.2f} %"
+        )
+    summary = _summary(trainer, autoattack)
+    write_json(os.path.join(out, "summary.json"), summary)
+    if not _plot_curves(cfg, trainer.metrics, os.path.join(out, "curves.png")):
+        log("agr-train: matplotlib is not installed: no curves.png (pip install matplotlib)")
+    return summary
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``agr-train`` command. Bad flags or folders: a one-line error, exit 2, nothing written.
+    Ctrl-C: exit 130, the run resumable with ``--resume``."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume", False)
+    threads = torch.get_num_threads()
+    try:
+        if resume:
+            if set(args) - {"out"}:
+                parser.error(
+                    f"--resume continues the run as configured in its config.json; drop "
+                    f"{', '.join('--' + k.replace('_', '-') for k in sorted(set(args) - {'out'}))}"
+                )
+            if "out" not in args:
+                parser.error("--resume needs --out, the folder of the run to continue")
+            path = os.path.join(args["out"], "config.json")
+            try:
+                with open(path) as f:
+                    cfg = TrainConfig.from_json(json.load(f))
+                cfg = replace(cfg, out=args["out"])
+                _validate(cfg)
+            except (OSError, ValueError, TypeError) as error:
+                parser.error(f"--resume: cannot read {path!r}: {error}")
+            sources: dict[str, str] = {}
+        else:
+            cfg, sources = resolve(args)
+        summary = train(cfg, resume=resume, sources=sources, log=lambda s: print(s, flush=True))
+    except ConfigError as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        out = args.get("out", "")
+        print(
+            f"\nagr-train: interrupted; the last finished epoch is saved in {out}: continue with "
+            f"agr-train --out {out} --resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        torch.set_num_threads(threads)
+    best = summary["best"]
+    if best is not None:
+        print(
+            f"agr-train: done. best PGD-{cfg.eval_steps} robust {100 * best['test_robust_acc']:.2f} % at epoch "
+            f"{best['epoch']} (clean {100 * best['test_clean_acc']:.2f} %); outputs in {cfg.out}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
