@@ -13,8 +13,15 @@ from torch.optim import Optimizer
 
 from ._amp import ScalerView, asked_by_grad_scaler, forget_scaler_request, read_scaler_request, show_stash, unscale_
 from ._distributed import local_tensor
-from ._stats import ReconstructionStats
-from .functional import _run, validate_clip_norm, validate_fused, validate_gradients, validate_granularity
+from ._stats import NO_OUTPUT, ReconstructionStats
+from .functional import (
+    _run,
+    validate_clip_norm,
+    validate_fused,
+    validate_gradients,
+    validate_granularity,
+    validate_writable,
+)
 
 __all__ = ["AGROptimizer", "strip_agr_state"]
 
@@ -491,6 +498,11 @@ class AGROptimizer(Optimizer):
             dense = {id(a): torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a) for a in overlapping}
             adversarial = [dense.get(id(a), a) for a in adversarial]
             grads = [(p, a if a is None else dense.get(id(a), a)) for p, a in grads]
+        if mode == "reconstruct":
+            try:  # a gradient sharing memory with another would be read after being overwritten
+                validate_writable(adversarial, clean)
+            except ValueError as error:
+                raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
         segment_ids = self._segment_ids([group_index for group_index, _, _ in pairs])
         num_segments = max(segment_ids) + 1 if segment_ids else 0
         members: list[list[Tensor]] = [[] for _ in range(num_segments)]
@@ -512,7 +524,7 @@ class AGROptimizer(Optimizer):
             unscale_(list(unique.values()), plan.inv_scale)
         stats = None
         if plan.with_stats:
-            out = plan.adversarial if plan.mode == "reconstruct" else None  # warm start: statistics only
+            out = plan.adversarial if plan.mode == "reconstruct" else NO_OUTPUT  # warm start: statistics only
             _, stats = _run(
                 plan.adversarial, plan.clean, plan.segment_ids, plan.num_segments, self._clip_norm, self._fused,
                 out=out,

@@ -761,6 +761,23 @@ def test_expanded_gradient_is_reconstructed_exactly(which: str) -> None:
     assert torch.equal(expanded, torch.full((4,), 0.75))
 
 
+def test_gradients_sharing_memory_are_refused_before_any_write() -> None:
+    """Two adversarial gradients overlapping in one buffer: reconstructing one in place would
+    change the other's input. Refused, nothing changed."""
+    w = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))]
+    opt = AGROptimizer(torch.optim.SGD(w, lr=1.0), clip_norm=0.5)
+    for p in w:
+        p.grad = torch.randn(4)
+    opt.stash_clean()
+    buffer = torch.randn(5)
+    w[0].grad, w[1].grad = buffer[:4], buffer[1:]
+    before = buffer.clone()
+    with pytest.raises(ValueError, match="cannot reconstruct: adversarial\\[0\\] and adversarial\\[1\\] share memory"):
+        opt.step()
+    assert torch.equal(buffer, before) and all(torch.equal(p.detach(), torch.zeros(4)) for p in w)
+    assert opt.has_stash and opt.step_count == 0
+
+
 @pytest.mark.parametrize("start_step", [0, 5], ids=["active", "warm-start"])
 def test_stash_after_both_backward_passes_is_refused(start_step: int) -> None:
     """stash_clean() after both passes leaves no current gradient: refused, nothing changed."""
