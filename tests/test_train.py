@@ -466,3 +466,17 @@ def test_autoattack_at_the_end(cifar10, tmp_path, capsys):
     assert code == 0, stdout
     aa = json.loads((tmp_path / "o" / "summary.json").read_text())["autoattack"]
     assert aa["samples"] == 8 and 0 <= aa["robust_acc"] <= 1 and aa["checkpoint"].startswith("best")
+
+
+# ---------------------------------------------------------------------- the cost benchmark
+def test_train_cost_benchmark_runs(tmp_path, capsys):
+    """``python -m benchmarks.train_cost`` (a benchmark: its figures are not asserted) runs its
+    three arms and writes its JSON."""
+    from benchmarks import train_cost
+
+    out = tmp_path / "cost.json"
+    assert train_cost.main(["--repeats", "1", "--max-batches", "1", "--attack-steps", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_epoch_median"]) == {"plain", "floor", "agr"}
+    assert set(result["paired_ratio_quartiles"]) == {"agr/plain", "floor/plain", "agr/floor"}
+    assert result["setup"]["steps_per_epoch"] == 1 and "agr/plain" in capsys.readouterr().out
