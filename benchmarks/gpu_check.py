@@ -961,7 +961,9 @@ def run(out_dir: Path, *, budget: float, quick: bool, sections: list[str], overr
         limit = _plan_limit(name, remaining, len(order) - index - 1, overrides)
         section_start = time.monotonic()
         if limit < _MIN_S and name not in overrides:
-            result = {"status": "skipped", "reason": f"budget exhausted ({remaining:.0f} s of {budget:.0f} s left)"}
+            # Not run for want of time: a timeout of the run as a whole, not a skip.
+            result = {"status": "timeout", "reason": f"not started: budget exhausted ({remaining:.0f} s of "
+                      f"{budget:.0f} s left)"}
         else:
             try:
                 result = _run_section(name, out_dir, limit, quick, cuda)
