@@ -112,7 +112,11 @@ def tree(root: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------- the paper preset
 def test_paper_preset_is_the_authors_protocol(tmp_path):
     """The values of the AGR code's train.py (defaults and the README's command line)."""
-    cfg, sources = resolve({"preset": "paper", "out": str(tmp_path / "o"), "data_dir": str(tmp_path)})
+    # (AutoAttack off here: the check that torchattacks is installed is not this test's business.)
+    assert PRESETS["paper"]["autoattack_samples"] == 1000
+    cfg, sources = resolve(
+        {"preset": "paper", "out": str(tmp_path / "o"), "data_dir": str(tmp_path), "autoattack_samples": 0}
+    )
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (200, 128, 0.1, 0.9, 5e-4)
     assert cfg.lr_milestones == (100, 150) and cfg.lr_gamma == 0.1
     assert cfg.agr and cfg.agr_start_epoch == 155 and cfg.clip_norm == 0.1
@@ -294,6 +298,8 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(method, cifar
     _assert_same(_comparable(whole), _comparable(cut))
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert strip(read_metrics(tmp_path / "whole")) == strip(read_metrics(tmp_path / "cut"))
+    code, stdout, _ = run(["--out", tmp_path / "cut", "--resume"], capsys)  # finished: nothing more to train
+    assert code == 0 and len(read_metrics(tmp_path / "cut")) == 2 and "epoch   2" not in stdout
 
 
 def test_keyboard_interrupt_exits_130_with_a_resume_hint(cifar10, tmp_path, capsys, monkeypatch):
@@ -480,3 +486,20 @@ def test_train_cost_benchmark_runs(tmp_path, capsys):
     assert set(result["seconds_per_epoch_median"]) == {"plain", "floor", "agr"}
     assert set(result["paired_ratio_quartiles"]) == {"agr/plain", "floor/plain", "agr/floor"}
     assert result["setup"]["steps_per_epoch"] == 1 and "agr/plain" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- CUDA (skipped without a GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_epoch_with_amp(amp, cifar10, tmp_path, capsys):
+    """On CUDA: autocast (fp16 with a GradScaler through AGR), channels_last, data on the device."""
+    code, stdout, _ = run(
+        cli(dataset="cifar10", data_dir=cifar10, epochs=2, agr_start_epoch=1, device="cuda", amp=amp, out=tmp_path),
+        capsys,
+    )
+    assert code == 0, stdout
+    rows = read_metrics(tmp_path)
+    assert rows[1]["agr_active"] == "1" and math.isfinite(float(rows[1]["agr_cosine"]))
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    code, _, _ = run(["--out", tmp_path, "--resume"], capsys)  # a finished run resumes to nothing new
+    assert code == 0 and len(read_metrics(tmp_path)) == 2
