@@ -244,9 +244,6 @@ def rule(
 
     Non-finite sums propagate: a NaN or Inf gradient gives NaN coefficients, never finite ones.
     """
-    one = ops.ones_like(sq_a)
-    scale_a = one if scale_a is None else scale_a
-    scale_c = one if scale_c is None else scale_c
     norm_a, norm_c = ops.sqrt(sq_a), ops.sqrt(sq_c)
     denominator = norm_a * norm_c
     # The zero policy, in one place: a zero gradient has cosine 0, and a projection onto a
@@ -262,23 +259,40 @@ def rule(
     projection = ops.where(clean_nonzero, -dot / ops.where(clean_nonzero, sq_c, 1.0), 0.0)
     projection = ops.where(ops.isnan(dot), dot, projection)
     k_a = ops.where(projected, 1.0, 1.0 - cosine)
-    k_c_scaled = ops.where(projected, projection * scale_a, cosine * scale_c)
-
-    # Norms in units of m = max(s_a, s_c): x = |a|/m and y = |c|/m are at most ~sqrt(n).
-    m = ops.maximum(scale_a, scale_c)
-    x, y = norm_a * (scale_a / m), norm_c * (scale_c / m)
     one_minus = 1.0 - cosine
-    # Never a square of x or y (x can be far below 1 when |a| << |c|): projected, |r| = x sin;
-    # interpolated, with p = (1-cos) x and q = cos y, |r|^2 = p^2 + 2 cos p q + q^2, taken
-    # relative to h = max(p, q).
-    sine = ops.sqrt(ops.clamp(one_minus * (1.0 + cosine), min=0.0))
-    p, q = one_minus * x, cosine * y
-    h = ops.maximum(p, q)
-    h_safe = ops.where(h > 0, h, 1.0)
-    p_h, q_h = p / h_safe, q / h_safe
-    interpolated = h * ops.sqrt(ops.clamp(p_h * p_h + 2.0 * cosine * p_h * q_h + q_h * q_h, min=0.0))
-    interpolated = ops.where(ops.isnan(h), h, interpolated)
-    norm_r = ops.where(projected, x * sine, interpolated) if exact_norm is None else exact_norm
+    if scale_a is None and scale_c is None:
+        # Sums as they came, inside the range (callers rescue the others, _gramian.out_of_range):
+        # the closed forms in the sums themselves, written so that no term cancels another (all
+        # are >= 0, so no partial sum exceeds |r|^2 <= max(|a|, |c|)^2: nothing overflows).
+        scale_a = scale_c = m = 1.0
+        x, y = norm_a, norm_c
+        k_c_scaled = ops.where(projected, projection, cosine)
+        sq_r = ops.where(
+            projected,
+            sq_a * one_minus * (1.0 + cosine),
+            one_minus * one_minus * sq_a + 2.0 * cosine * one_minus * dot + cosine * cosine * sq_c,
+        )
+        norm_r = ops.sqrt(ops.clamp(sq_r, min=0.0))
+    else:
+        scale_a = ops.ones_like(sq_a) if scale_a is None else scale_a
+        scale_c = ops.ones_like(sq_a) if scale_c is None else scale_c
+        k_c_scaled = ops.where(projected, projection * scale_a, cosine * scale_c)
+        # Norms in units of m = max(s_a, s_c): x = |a|/m and y = |c|/m are at most ~sqrt(n), and
+        # never squared (x can be far below 1 when |a| << |c|): projected, |r| = x sin;
+        # interpolated, with p = (1-cos) x and q = cos y, |r|^2 = p^2 + 2 cos p q + q^2, taken
+        # relative to h = max(p, q).
+        m = ops.maximum(scale_a, scale_c)
+        x, y = norm_a * (scale_a / m), norm_c * (scale_c / m)
+        sine = ops.sqrt(ops.clamp(one_minus * (1.0 + cosine), min=0.0))
+        p, q = one_minus * x, cosine * y
+        h = ops.maximum(p, q)
+        h_safe = ops.where(h > 0, h, 1.0)
+        p_h, q_h = p / h_safe, q / h_safe
+        interpolated = h * ops.sqrt(ops.clamp(p_h * p_h + 2.0 * cosine * p_h * q_h + q_h * q_h, min=0.0))
+        interpolated = ops.where(ops.isnan(h), h, interpolated)
+        norm_r = ops.where(projected, x * sine, interpolated)
+    if exact_norm is not None:
+        norm_r = exact_norm
     if clip_norm is None:
         clip_scale = ops.ones_like(norm_r)
     else:

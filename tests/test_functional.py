@@ -655,11 +655,12 @@ def test_clean_far_below_adversarial_in_float32() -> None:
     assert np.linalg.norm(r.double().numpy() - expected) <= 1e-6 * np.linalg.norm(expected)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
-@pytest.mark.parametrize("magnitude", [1e160, 1e300])
+@pytest.mark.parametrize("fused", [True, False, DTENSOR], ids=["fused", "loop", "dtensor"])
+@pytest.mark.parametrize("magnitude", [6e153, 1e160, 1e300])
 def test_float64_norms_whose_squares_overflow_are_clipped_not_zeroed(fused: bool, magnitude: float) -> None:
     """The clipping bound was ``sqrt(|r|^2 + ...)``: past |r| ~ 1e154 the square overflowed to
-    inf and the clip scale became 0, so a huge float64 gradient gave a zero update. (The device
+    inf and the clip scale became 0, so a huge float64 gradient gave a zero update. 6e153: the
+    summed squares sit at the top of the range. (The device
     path takes sums as they come, and these overflow there: no range rescue without host reads.)"""
     f64 = dict(dtype=torch.float64)
     a = [torch.tensor([1.0, 2.0], **f64) * magnitude]
