@@ -70,8 +70,9 @@ def _build_parser() -> _Parser:
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds 0..K-1, each run with and without AGR")
     parser.add_argument("--eps", type=float, default=DEFAULT_EPS, help="L-inf radius in (0, 1], data in [0, 1]")
     parser.add_argument(
-        "--attack-step", type=float, default=None, help="PGD step size (default eps/4; PGD-10 train, PGD-20 eval)"
+        "--attack-step", type=float, default=None, help="PGD step size, training and evaluation (default eps/4)"
     )
+    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps for training (evaluation: PGD-20)")
     parser.add_argument(
         "--agr-start-epoch",
         type=int,
@@ -116,6 +117,7 @@ def study_config(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs,
         "eps": args.eps,
         "attack_step": args.eps / 4 if args.attack_step is None else args.attack_step,
+        "attack_steps": args.attack_steps,
         "clip_norm": args.clip_norm,
         "lr": args.lr,
         "batch_size": args.batch_size,
