@@ -51,14 +51,14 @@ import torch
 from torch import Tensor, nn
 
 from . import AGROptimizer, StatsAccumulator
+from .datasets import DATASETS
+from .models import MODELS, build_model
 from .recipes import PGD, avmixup_step, awp_step, mart_step, pgd_at_step, trades_step
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "ConfigError", "resolve", "train", "main", "METRIC_COLUMNS"]
 
 METHODS = ("at", "trades", "mart", "awp", "avmixup")
 METHOD_NAMES = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "avmixup": "AVmixup"}
-DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "mnist5k", "digits", "npz")
-MODELS = ("preactresnet18", "wrn34-10", "smallcnn")
 AMP_MODES = ("none", "bf16", "fp16")
 PAPER_AGR_START_FRACTION = 155 / 200  # AGR from epoch 155 of 200, after the last lr decay (150)
 
@@ -552,8 +552,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Any) -> None:
-        from .models import build_model
-
         self.cfg, self.data = cfg, data
         self.device = torch.device(cfg.device)
         cuda = self.device.type == "cuda"
@@ -583,9 +581,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def optimizer_for(self, epoch: int) -> torch.optim.Optimizer:
+        """The optimizer of ``epoch``: the AGROptimizer from the AGR start epoch on, else the SGD."""
         return self.agr if self.agr is not None and self.cfg.agr_on(epoch) else self.sgd
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (what ``checkpoint_last.pt`` holds); tensors not copied."""
         return {
             "epoch": self.epoch,
             "model": self.module.state_dict(),
@@ -603,6 +603,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], *, optimizer: bool = True) -> None:
+        """Restore :meth:`state_dict` (``optimizer=False``: all but the optimizer's state)."""
         self.module.load_state_dict(state["model"])
         if optimizer:
             (self.agr if self.agr is not None else self.sgd).load_state_dict(state["optimizer"])
