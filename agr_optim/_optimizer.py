@@ -351,6 +351,11 @@ class AGROptimizer(Optimizer):
             )
         stash = self._stash.get(kind, {})
         params = self._unique_params()
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                f"stash_{kind}() found no gradient on any parameter: call it after the {kind} backward pass "
+                "(it moves .grad into the stash). Nothing was changed"
+            )
         for index, p in enumerate(params):
             g = p.grad
             if g is None:

@@ -793,6 +793,17 @@ def test_stash_after_both_backward_passes_is_refused(start_step: int) -> None:
     _assert_state_unchanged(before, model, opt)
 
 
+@pytest.mark.parametrize("kind", ["clean", "adversarial"])
+def test_stash_before_any_backward_pass_is_refused(kind: str) -> None:
+    """Stashing nothing would make the step use a zero gradient of that kind, silently."""
+    model, opt, _, _ = make_pair("SGD", clip_norm=0.1)
+    opt.zero_grad()
+    before = _state(model, opt)
+    with pytest.raises(RuntimeError, match=f"stash_{kind}\\(\\) found no gradient on any parameter"):
+        getattr(opt, f"stash_{kind}")()
+    _assert_state_unchanged(before, model, opt)
+
+
 SETTING_ERRORS = [
     ("clip_norm", -0.1), ("clip_norm", 0), ("clip_norm", math.nan), ("clip_norm", True), ("granularity", "Tensor"),
     ("granularity", None), ("fused", "banana"), ("start_step", -1), ("start_step", 1.5),
