@@ -8,6 +8,7 @@ hand as ``clip_grad_norm_`` documents (``max_norm / (total_norm + 1e-6)``), AGR 
 
 from __future__ import annotations
 
+import copy
 import csv
 
 import numpy as np
@@ -120,6 +121,8 @@ def test_lightning_optimizer_delegates_to_the_inner_optimizer():
     assert opt.clip_norm == 0.2 and "_clip_norm" not in vars(wrapped)
     wrapped.zero_grad()
     assert not opt.has_stash
+    for copied in (copy.copy(wrapped), copy.copy(opt)):  # copies delegate the same way
+        assert copied.param_groups is opt.optimizer.param_groups and copied.state is opt.optimizer.state
 
 
 def test_clip_gradients_clips_the_adversarial_gradient():
