@@ -22,10 +22,14 @@ settings.register_profile(
     "agr",
     deadline=None,
     max_examples=60,
+    stateful_step_count=30,  # rules per sequence of tests/test_state_machine.py (it runs 4 x max_examples)
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 # A longer run, for hunting: HYPOTHESIS_PROFILE=agr-thorough python3 -m pytest tests
-settings.register_profile("agr-thorough", parent=settings.get_profile("agr"), max_examples=2000)
+# (the state machine then runs 8,000 sequences of up to 50 rules).
+settings.register_profile(
+    "agr-thorough", parent=settings.get_profile("agr"), max_examples=2000, stateful_step_count=50
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "agr"))
 
 
