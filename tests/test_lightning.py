@@ -180,3 +180,12 @@ def test_resume_from_a_lightning_checkpoint_restores_the_agr_step_count(tmp_path
     assert [s["step_count"] for s in resumed.seen] == [2, 3]
     assert resumed.seen[0]["state"] == len(list(resumed.model.parameters()))
     assert trainer.optimizers[0].step_count == 4
+
+
+def test_clip_gradients_under_mixed_precision_is_refused_by_lightning():
+    """Lightning's MixedPrecision (16-mixed and bf16-mixed) refuses to clip an optimizer that
+    unscales itself (``_step_supports_amp_scaling``): a clear error, not a silent no-op."""
+    module = AGRModule(clip_val=0.5)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping because it performs unscaling"):
+        fit(module, batches(1), max_steps=1, precision="bf16-mixed")
+    assert module.trainer.optimizers[0].step_count == 0
