@@ -89,6 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cutout": "authors",
         "image_size": 32,
         "clean_pass": "always",
+        "warm_start_stats": True,
         "trades_attack": "ce",
         "beta": 6.0,
         "awp_gamma": 0.01,
@@ -108,11 +109,13 @@ PRESETS["quick"] = {
     "flip": False,  # digits are not mirror-symmetric
     "cutout": None,
     "image_size": None,
+    "warm_start_stats": False,
     "autoattack_samples": 0,
 }
 
-#: The columns of ``metrics.csv``; the AGR columns are empty in epochs without AGR steps,
-#: the test columns in epochs without evaluation.
+#: The columns of ``metrics.csv``; the AGR columns are empty in epochs without AGR statistics
+#: (before the AGR start epoch, unless ``warm_start_stats``), the test columns in epochs without
+#: evaluation.
 METRIC_COLUMNS = (
     "epoch",
     "lr",
@@ -168,6 +171,7 @@ class TrainConfig:
     cutout: int | str | None = None
     image_size: int | None = None
     clean_pass: str = "always"
+    warm_start_stats: bool = False
     trades_attack: str = "ce"
     beta: float = 6.0
     awp_gamma: float = 0.01
@@ -255,6 +259,12 @@ def build_parser() -> _Parser:
     p.add_argument("--image-size", type=int, help="resize images to this side (the authors: 32, also Tiny-ImageNet)")
     p.add_argument(
         "--clean-pass", choices=("always", "needed"), help="the clean forward pass on every step or only for AGR"
+    )
+    p.add_argument(
+        "--warm-start-stats",
+        action=argparse.BooleanOptionalAction,
+        help="with --agr, also take the clean gradient before --agr-start-epoch to log the AGR statistics "
+        "(the authors do; one more backward pass per step; the update is unchanged)",
     )
     p.add_argument(
         "--trades-attack", choices=("ce", "kl"), help="TRADES training attack: cross-entropy (AGR code) or KL"
@@ -372,6 +382,7 @@ def _validate(cfg: TrainConfig) -> None:
         cfg.image_size,
     )
     need(cfg.clean_pass in ("always", "needed"), "clean-pass", "always or needed", cfg.clean_pass)
+    need(isinstance(cfg.warm_start_stats, bool), "warm-start-stats", "True or False", cfg.warm_start_stats)
     need(cfg.trades_attack in ("ce", "kl"), "trades-attack", "ce or kl", cfg.trades_attack)
     need(finite(cfg.beta) and cfg.beta >= 0, "beta", ">= 0", cfg.beta)
     need(finite(cfg.awp_gamma) and cfg.awp_gamma >= 0, "awp-gamma", ">= 0", cfg.awp_gamma)
@@ -463,10 +474,10 @@ def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------- the engine
-def _step_function(cfg: TrainConfig, generator: torch.Generator) -> Callable[..., Any]:
+def _step_function(cfg: TrainConfig, generator: torch.Generator, clean_pass: str) -> Callable[..., Any]:
     """The recipe step with the configured attack, as a function ``(model, opt, x, y, scaler)``."""
     attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps)
-    common = {"clean_pass": cfg.clean_pass}
+    common = {"clean_pass": clean_pass}
     if cfg.method == "at":
         return lambda m, o, x, y, s: pgd_at_step(m, o, x, y, attack=attack, scaler=s, **common)
     if cfg.method == "trades":
@@ -570,6 +581,11 @@ class Trainer:
         )
         # AGR from its first epoch on; before it the inner SGD steps alone (the warm start).
         self.agr = AGROptimizer(self.sgd, clip_norm=cfg.clip_norm, start_step=0) if cfg.agr else None
+        # --warm-start-stats: a second wrapper of the same SGD that never reconstructs; given the
+        # clean gradient it fills last_stats and steps on the adversarial gradient (the authors'
+        # AGR arm before its start epoch). Stateless: nothing of it needs saving.
+        warm = cfg.agr and cfg.warm_start_stats
+        self.agr_warm = AGROptimizer(self.sgd, clip_norm=cfg.clip_norm, start_step=2**62) if warm else None
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.sgd, list(cfg.lr_milestones), gamma=cfg.lr_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.order = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # data order
@@ -577,12 +593,16 @@ class Trainer:
         self.epoch = 0  # epochs done
         self.metrics: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
-        self._step = _step_function(cfg, self.augment_rng)
+        self._step = _step_function(cfg, self.augment_rng, cfg.clean_pass)
+        self._warm_step = _step_function(cfg, self.augment_rng, "gradient")
 
     # ------------------------------------------------------------------ state
     def optimizer_for(self, epoch: int) -> torch.optim.Optimizer:
-        """The optimizer of ``epoch``: the AGROptimizer from the AGR start epoch on, else the SGD."""
-        return self.agr if self.agr is not None and self.cfg.agr_on(epoch) else self.sgd
+        """The optimizer of ``epoch``: the AGROptimizer from the AGR start epoch on, else the SGD
+        (or, with ``warm_start_stats``, the wrapper that only logs)."""
+        if self.agr is not None and self.cfg.agr_on(epoch):
+            return self.agr
+        return self.agr_warm if self.agr_warm is not None else self.sgd
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (what ``checkpoint_last.pt`` holds); tensors not copied."""
@@ -661,6 +681,7 @@ class Trainer:
 
         cfg, epoch = self.cfg, self.epoch
         opt = self.optimizer_for(epoch)
+        step = self._warm_step if opt is self.agr_warm else self._step
         sums = _EpochSums(self.device)
         n = self.data.y_train.shape[0]
         total = (n + cfg.batch_size - 1) // cfg.batch_size
@@ -679,10 +700,10 @@ class Trainer:
                     generator=self.augment_rng,
                 )
                 with self._autocast():
-                    out = self._step(self.model, opt, x, yb, self.scaler)
+                    out = step(self.model, opt, x, yb, self.scaler)
                 sums.add_batch(out.loss, out.logits, yb)
-                if opt is self.agr:
-                    sums.add_agr(self.agr)
+                if isinstance(opt, AGROptimizer):
+                    sums.add_agr(opt)
                 if progress is not None:
                     progress(i + 1, total, sums)
         self.scheduler.step()

@@ -280,7 +280,7 @@ STEPS = {"at": pgd_at_step, "trades": trades_step, "mart": mart_step, "awp": awp
 
 @pytest.mark.parametrize("method", list(STEPS))
 @pytest.mark.parametrize("kind", ["agr", "plain-sgd", "agr-warm-start"])
-@pytest.mark.parametrize("clean_pass", ["needed", "always"])
+@pytest.mark.parametrize("clean_pass", ["needed", "always", "gradient"])
 def test_step_matches_hand_written_update(method, kind, clean_pass):
     x, y = batch()
     x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)).clamp(0, 1)
@@ -300,7 +300,10 @@ def test_step_matches_hand_written_update(method, kind, clean_pass):
     assert len(attack.calls) == 1 and attack.calls[0][0] is model
     for got, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=ATOL)
-    assert (out.clean_loss is not None) == (kind == "agr" or clean_pass == "always")
+    assert (out.clean_loss is not None) == (kind == "agr" or clean_pass != "needed")
+    # Statistics: from every AGR step, and from warm-start steps with clean_pass="gradient".
+    stats = getattr(opt, "last_stats", None)
+    assert (stats is not None) == (kind == "agr" or (kind == "agr-warm-start" and clean_pass == "gradient"))
     if out.clean_loss is not None:
         torch.testing.assert_close(out.clean_loss, ce_ref(tiny_model()(x), y), rtol=0, atol=ATOL)
     assert out.x_adv is x_adv and not out.loss.requires_grad
@@ -414,7 +417,8 @@ def authors_order_step(method: str, model: nn.Module, opt, x, x_adv, y, *, use_a
 
 @pytest.mark.parametrize("method", ["at", "awp", "avmixup"])
 @pytest.mark.parametrize("kind", ["plain-sgd", "agr-warm-start", "agr"])
-def test_clean_pass_always_matches_the_authors_batch_norm_statistics(method, kind):
+@pytest.mark.parametrize("clean_pass", ["always", "gradient"])
+def test_clean_pass_always_matches_the_authors_batch_norm_statistics(method, kind, clean_pass):
     """BatchNorm's running statistics see the clean batch, then the adversarial one, in every arm.
 
     The default ("needed") skips the clean forward without AGR: its statistics differ (checked).
@@ -432,16 +436,16 @@ def test_clean_pass_always_matches_the_authors_batch_norm_statistics(method, kin
     for _ in range(2):  # two steps: momentum and the statistics' running average both carry over
         authors_order_step(method, reference, ref_opt, x, x_adv, y, use_agr=kind == "agr")
     results = {}
-    for clean_pass in ("always", "needed"):
+    for setting in (clean_pass, "needed"):
         model, opt = make(kind)
         model.train()
         for _ in range(2):
-            STEPS[method](model, opt, x, y, attack=fixed(x_adv), clean_pass=clean_pass)
-        results[clean_pass] = model
-    bn_ref, bn_always = reference[2], results["always"][2]
+            STEPS[method](model, opt, x, y, attack=fixed(x_adv), clean_pass=setting)
+        results[setting] = model
+    bn_ref, bn_always = reference[2], results[clean_pass][2]
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn_always, name), getattr(bn_ref, name), rtol=0, atol=ATOL)
-    for got, want in zip(results["always"].parameters(), reference.parameters(), strict=True):
+    for got, want in zip(results[clean_pass].parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=ATOL)
     if kind != "agr":  # without AGR the default runs no clean forward: the statistics differ
         assert int(results["needed"][2].num_batches_tracked) == 2
@@ -536,3 +540,21 @@ def test_avmixup_bad_arguments(kwargs, match):
     model, (x, y) = tiny_model(), batch()
     with pytest.raises(ValueError, match=match):
         avmixup_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, **kwargs)
+
+
+def test_warm_start_statistics_with_clean_pass_gradient():
+    """clean_pass="gradient" in the warm start: the statistics AGR would have had (per-tensor cosine
+    of the clean and adversarial gradients, written here), the update still the adversarial one."""
+    x, y = batch()
+    x_adv = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)).clamp(0, 1)
+    reference = tiny_model()
+    c = grads(ce_ref(reference(x), y), reference)
+    a = grads(ce_ref(reference(x_adv), y), reference)
+    cosines = [float((ai * ci).sum() / (ai.norm() * ci.norm())) for ai, ci in zip(a, c, strict=True)]
+    model = tiny_model()
+    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.5), clip_norm=None, start_step=3)
+    pgd_at_step(model, opt, x, y, attack=fixed(x_adv), clean_pass="gradient")
+    assert opt.step_count == 1 and not opt.active
+    torch.testing.assert_close(opt.last_stats.cosine.double(), torch.tensor(cosines, dtype=DTYPE), rtol=0, atol=1e-10)
+    for got, p, ai in zip(model.parameters(), reference.parameters(), a, strict=True):
+        torch.testing.assert_close(got.detach(), p.detach() - 0.5 * ai, rtol=0, atol=ATOL)

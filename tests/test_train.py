@@ -123,6 +123,7 @@ def test_paper_preset_is_the_authors_protocol(tmp_path):
     assert (cfg.eps, cfg.attack_step, cfg.attack_steps, cfg.eval_steps) == (8 / 255, 2 / 255, 10, 20)
     assert (cfg.crop_padding, cfg.flip, cfg.cutout, cfg.image_size) == (4, True, "authors", 32)
     assert (cfg.clean_pass, cfg.trades_attack, cfg.beta, cfg.awp_gamma) == ("always", "ce", 6.0, 0.01)
+    assert cfg.warm_start_stats  # the authors' AGR arm logs its statistics from epoch 0
     assert (cfg.dataset, cfg.model, cfg.eval_every) == ("cifar10", "preactresnet18", 1)
     assert sources["epochs"] == "preset paper" and "derived" in sources["agr_start_epoch"]
     # The authors multiply lr by 0.1 at the start of epochs 100 and 150 (0-based, i in lr_stage).
@@ -349,6 +350,20 @@ def test_forked_agr_arm_equals_a_from_scratch_agr_run(cifar10, tmp_path):
 
 
 # ---------------------------------------------------------------------- the AGR statistics
+def test_warm_start_stats_log_without_changing_the_run(cifar10, tmp_path, capsys):
+    """--warm-start-stats: AGR statistics in the warm-start epochs too (the authors log them), the
+    run itself (weights, momentum, streams) bit for bit the one without."""
+    flags = {"dataset": "cifar10", "data_dir": cifar10, "epochs": 2, "agr_start_epoch": 1, "eval_every": 2}
+    assert run(cli(**flags, out=tmp_path / "plain"), capsys)[0] == 0
+    assert run(cli("warm-start-stats", **flags, out=tmp_path / "logged"), capsys)[0] == 0
+    plain, logged = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "logged")
+    assert plain[0]["agr_cosine"] == "" and logged[0]["agr_cosine"] != "" and logged[0]["agr_active"] == "0"
+    assert plain[1]["agr_cosine"] == logged[1]["agr_cosine"]
+    a, b = (torch.load(tmp_path / d / "checkpoint_last.pt", weights_only=False) for d in ("plain", "logged"))
+    for key in ("model", "optimizer", "scheduler", "rng"):
+        _assert_same(a[key], b[key], key)
+
+
 def test_epoch_statistics_are_the_authors_means(tmp_path):
     """The AGR columns: the AGR code's per-step means over parameter tensors, averaged over steps
     (its ``get_cos_similarity`` with 1e-20, GOP when cos <= 0, ``torch.norm(g1 - g2)``)."""

@@ -21,9 +21,14 @@ Every step function has the same shape: attack the batch, then
   authors compute that gradient and throw it away (plain arm: ``zero_grad`` before the
   adversarial backward; AGR arm before its start epoch: only its statistics are logged), so the
   update is the same.
+- ``"gradient"``: as ``"always"``, and with an :class:`~agr_optim.AGROptimizer` the clean
+  gradient is also taken and stashed during its warm start, as the AGR authors' AGR arm does: the
+  warm-start step then fills :attr:`~agr_optim.AGROptimizer.last_stats` (the statistics AGR would
+  have had, for logging) and still applies the adversarial gradient alone. It costs the clean
+  backward pass of every warm-start step.
 
-TRADES and MART compute the clean logits for their objective anyway, so for them the two
-settings give the same step.
+TRADES and MART compute the clean logits for their objective anyway, so for them ``"needed"``
+and ``"always"`` give the same step.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ._losses import mart_loss, trades_loss
 __all__ = ["StepOutput", "CLEAN_PASSES", "pgd_at_step", "trades_step", "mart_step", "awp_step", "avmixup_step"]
 
 #: The values of ``clean_pass``: see the module docstring.
-CLEAN_PASSES = ("needed", "always")
+CLEAN_PASSES = ("needed", "always", "gradient")
 
 
 class StepOutput(NamedTuple):
@@ -64,8 +69,8 @@ class StepOutput(NamedTuple):
     logits: Tensor
 
 
-def _wants_clean(optimizer: Optimizer) -> bool:
-    return isinstance(optimizer, AGROptimizer) and optimizer.active
+def _wants_clean(optimizer: Optimizer, clean_pass: str) -> bool:
+    return isinstance(optimizer, AGROptimizer) and (optimizer.active or clean_pass == "gradient")
 
 
 def _check_options(clean_pass: object, scaler: object) -> None:
@@ -104,7 +109,7 @@ def _clean_pass(
     ``logits_clean``, if given, is reused (and its graph kept for the adversarial objective).
     """
     optimizer.zero_grad()
-    if not _wants_clean(optimizer):
+    if not _wants_clean(optimizer, clean_pass):
         if clean_pass == "needed":
             return None
         if logits_clean is not None:
@@ -151,8 +156,9 @@ def pgd_at_step(
 
     Clean objective :math:`\mathrm{CE}(f(x), y)`; adversarial objective :math:`\mathrm{CE}(f(x'), y)`
     with :math:`x' = \mathrm{attack}(f, x, y)` (default :class:`PGD` with eps 8/255, step 2/255,
-    10 steps, cross-entropy). ``clean_pass``: ``"needed"`` or ``"always"`` (the AGR authors' order,
-    see :mod:`agr_optim.recipes`); ``scaler``: a :class:`torch.amp.GradScaler` for float16.
+    10 steps, cross-entropy). ``clean_pass``: ``"needed"``, ``"always"`` (the AGR authors' order)
+    or ``"gradient"`` (see :mod:`agr_optim.recipes`); ``scaler``: a :class:`torch.amp.GradScaler`
+    for float16.
 
     Example:
         >>> import torch
