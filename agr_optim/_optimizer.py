@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._amp import ScalerView, asked_by_grad_scaler, forget_scaler_request, read_scaler_request, show_stash, unscale_
+from ._amp import (
+    ScalerRequest,
+    ScalerView,
+    asked_by_grad_scaler,
+    forget_scaler_request,
+    read_scaler_request,
+    show_stash,
+    unscale_,
+)
 from ._distributed import local_tensor
 from ._stats import NO_OUTPUT, ReconstructionStats
 from .functional import (
@@ -588,7 +596,7 @@ class AGROptimizer(Optimizer):
         order = {g: i for i, g in enumerate(dict.fromkeys(groups))}  # groups without a gradient skipped
         return [order[g] for g in groups]
 
-    def _scaler_request(self, current: tuple[Tensor | None, ...]):  # -> ScalerRequest
+    def _scaler_request(self, current: tuple[Tensor | None, ...]) -> ScalerRequest:
         return read_scaler_request(self, self._scaler_view, bool(self._stash), self._stash_version, current)
 
     def _refuse_if_interrupted(self, what: str) -> None:
