@@ -87,6 +87,20 @@ INVALID_SETTINGS = (
     ("start_step", 1.5),
     ("fused", "banana"),
 )
+#: Malformed wrapper entries of a saved param group (issue 9 item 10): every one is refused.
+CORRUPTIONS = {
+    "fused 'banana'": lambda g: {**g, "agr": {**g["agr"], "fused": "banana"}},
+    "step tensor(2.7)": lambda g: {**g, "agr": {**g["agr"], "step": torch.tensor(2.7)}},
+    "step tensor([1, 2])": lambda g: {**g, "agr": {**g["agr"], "step": torch.tensor([1, 2])}},
+    "step -1": lambda g: {**g, "agr": {**g["agr"], "step": -1}},
+    "granularity 'layer'": lambda g: {**g, "agr": {**g["agr"], "granularity": "layer"}},
+    "clip_norm -1": lambda g: {**g, "agr": {**g["agr"], "clip_norm": -1.0}},
+    "a missing key": lambda g: {**g, "agr": {k: v for k, v in g["agr"].items() if k != "start_step"}},
+    "an extra key": lambda g: {**g, "agr": {**g["agr"], "momentum": 0.9}},
+    "an entry that is a list": lambda g: {**g, "agr": [1, 2]},
+    "a group that is a list": lambda g: list(g.items()),
+    "a group without the entry": lambda g: {k: v for k, v in g.items() if k != "agr"},
+}
 MAX_PARAMS = 8
 #: What the runs exercised (outcomes by kind); also reported by ``--hypothesis-show-statistics``.
 COUNTS: Counter[str] = Counter()
@@ -689,19 +703,38 @@ class ProtocolMachine(RuleBasedStateMachine):
         for _ in range(micro_batches):
             self.backward(data)
             self.stash_gradient(order)
+            self.mid_stash(data)
             self.backward(data)
             self.stash_gradient(other)
         self.step()
 
     def full_iteration(self, data, order: str) -> None:
-        """The README's training step: zero_grad, (clean pass, stash,) adversarial pass, step."""
+        """The README's training step: zero_grad, (clean pass, stash,) adversarial pass, step;
+        sometimes with one more call between the stash and the step, or an interrupted step."""
         self.zero_grad(set_to_none=True)
         if self.step_count >= self.settings["start_step"]:
             if not self.backward(data):
                 return
             self.stash_gradient(order)
+            self.mid_stash(data)
         if self.backward(data):
-            self.step()
+            self.step(interrupt=data.draw(st.sampled_from([False] * 7 + [True]), label="interrupt"))
+
+    def mid_stash(self, data) -> None:
+        """What a training loop may do while a gradient is stashed."""
+        what = data.draw(st.sampled_from([None] * 6 + ["group", "scheduler", "freeze", "setting", "save"]),
+                         label="between the passes")
+        if what == "group" and len(self.slots()) < MAX_PARAMS:
+            self.add_param_group(data.draw(st.sampled_from(SHAPES), label="shape"), 0.05)
+        elif what == "scheduler":
+            self.scheduler(data.draw(st.sampled_from(["StepLR", "MultiStepLR", "step"]), label="scheduler"))
+        elif what == "freeze":
+            self.freeze(data, data.draw(st.booleans(), label="frozen"))
+        elif what == "setting":
+            self.change_setting(data.draw(st.sampled_from(["clip_norm", "start_step", "granularity", "fused"]),
+                                          label="setting"), True, data)
+        elif what == "save":
+            self.save_checkpoint()
 
     def amp_iteration(self, data, order: str, inf: str | None, unscale: str, exponent: int) -> None:
         """One GradScaler("cpu") iteration, ``scaler.unscale_`` at one of four places.
@@ -792,8 +825,22 @@ class ProtocolMachine(RuleBasedStateMachine):
         note("load_checkpoint")
         ck = data.draw(st.sampled_from(self.checkpoints), label="checkpoint")
         loaded = torch.load(io.BytesIO(ck.blob), weights_only=True)
+        corrupt = data.draw(st.sampled_from([None] * 4 + ["plain"] + sorted(CORRUPTIONS)), label="corruption")
+        if corrupt == "a group without the entry" and len(ck.sizes) == 1:
+            corrupt = "plain"  # no group has it: a plain inner state dict
+        plain = corrupt == "plain"
+        if plain:  # an inner optimizer's own state dict: the wrapper keeps its step count and settings
+            loaded["optimizer"]["param_groups"] = [
+                {k: v for k, v in g.items() if k != "agr"} for g in loaded["optimizer"]["param_groups"]
+            ]
+        elif corrupt is not None:
+            groups = loaded["optimizer"]["param_groups"]
+            groups[-1] = CORRUPTIONS[corrupt](groups[-1])
+            with self.refused(f"load_state_dict of a checkpoint with {corrupt}", errors=(ValueError,)):
+                self.opt.load_state_dict(loaded["optimizer"])
+            return
         if fresh:
-            return self.load_fresh(ck, loaded)
+            return self.load_fresh(ck, loaded, plain)
         if [len(g) for g in self.groups] != ck.sizes:
             with self.refused("load_state_dict of a checkpoint with other param groups"):
                 self.opt.load_state_dict(loaded["optimizer"])
@@ -807,10 +854,11 @@ class ProtocolMachine(RuleBasedStateMachine):
                     s.param.copy_(loaded["params"][i])
                     s.twin.copy_(ck.twins[i])
                 s.err = ck.errs[i].clone()
-        self.settings, self.step_count = dict(ck.settings), ck.step_count
+        if not plain:
+            self.settings, self.step_count = dict(ck.settings), ck.step_count
         self.drop_stash()
 
-    def load_fresh(self, ck: Checkpoint, loaded: dict) -> None:
+    def load_fresh(self, ck: Checkpoint, loaded: dict, plain: bool) -> None:
         """A fresh model copy and a fresh wrapper (other settings) resume from the checkpoint."""
         note("load_fresh")
         slots = [self.new_slot(shape, values, twin) for shape, values, twin in
@@ -826,7 +874,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.build_optimizers()
         self.opt.load_state_dict(loaded["optimizer"])
         self.twin_opt.load_state_dict(copy.deepcopy(ck.twin_state))
-        self.settings, self.step_count = dict(ck.settings), ck.step_count
+        self.step_count = 0
+        if not plain:
+            self.settings, self.step_count = dict(ck.settings), ck.step_count
         self.drop_stash()
         self.interrupted = False
 
