@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NoReturn
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import AGROptimizer, StatsAccumulator
 from .datasets import DATASETS
@@ -370,7 +370,7 @@ def _validate(cfg: TrainConfig) -> None:
     need(integer(cfg.eval_every) and cfg.eval_every >= 1, "eval-every", "an integer >= 1", cfg.eval_every)
     need(integer(cfg.crop_padding) and cfg.crop_padding >= 0, "crop-padding", "an integer >= 0", cfg.crop_padding)
     need(
-        cfg.cutout in (None, "authors") or (integer(cfg.cutout) and cfg.cutout > 0),
+        cfg.cutout in (None, "authors") or (isinstance(cfg.cutout, int) and integer(cfg.cutout) and cfg.cutout > 0),
         "cutout",
         "'authors' or an integer >= 0",
         cfg.cutout,
@@ -477,7 +477,7 @@ def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
 def _step_function(cfg: TrainConfig, generator: torch.Generator, clean_pass: str) -> Callable[..., Any]:
     """The recipe step with the configured attack, as a function ``(model, opt, x, y, scaler)``."""
     attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps)
-    common = {"clean_pass": clean_pass}
+    common: dict[str, Any] = {"clean_pass": clean_pass}
     if cfg.method == "at":
         return lambda m, o, x, y, s: pgd_at_step(m, o, x, y, attack=attack, scaler=s, **common)
     if cfg.method == "trades":
@@ -574,8 +574,8 @@ class Trainer:
             self.rng_cpu = torch.random.default_generator.get_state()
             self.rng_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
         if cuda:
-            self.module = self.module.to(memory_format=torch.channels_last)
-        self.model: nn.Module = torch.compile(self.module) if cfg.compile else self.module
+            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model: Any = torch.compile(self.module) if cfg.compile else self.module
         self.sgd = torch.optim.SGD(
             self.module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -655,7 +655,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.random.default_generator.set_state(self.rng_cpu)
-            if cuda:
+            if self.rng_cuda is not None:
                 torch.cuda.set_rng_state(self.rng_cuda, self.device)
             yield
             self.rng_cpu = torch.random.default_generator.get_state()
@@ -675,10 +675,24 @@ class Trainer:
         return x
 
     # ------------------------------------------------------------------ one epoch
-    def train_epoch(self, progress: Callable[[int, int, _EpochSums], None] | None = None) -> dict[str, Any]:
-        """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row."""
+    def training_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """An epoch's augmented training batches ``(x in [0, 1], y)`` on the device, drawn from this
+        trainer's order and augmentation generators (call inside :meth:`_own_streams`)."""
         from .datasets import augment, batches
 
+        cfg = self.cfg
+        for xb, yb in batches(self.data.x_train, self.data.y_train, cfg.batch_size, shuffle=True, generator=self.order):
+            x = augment(
+                self._prepare(xb),
+                padding=cfg.crop_padding,
+                flip=cfg.flip,
+                cutout=cfg.cutout,  # type: ignore[arg-type]  # validated: None, "authors" or an int
+                generator=self.augment_rng,
+            )
+            yield x, yb
+
+    def train_epoch(self, progress: Callable[[int, int, _EpochSums], None] | None = None) -> dict[str, Any]:
+        """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row."""
         cfg, epoch = self.cfg, self.epoch
         opt = self.optimizer_for(epoch)
         step = self._warm_step if opt is self.agr_warm else self._step
@@ -689,16 +703,7 @@ class Trainer:
         start = time.perf_counter()
         with self._own_streams():
             self.model.train()
-            for i, (xb, yb) in enumerate(
-                batches(self.data.x_train, self.data.y_train, cfg.batch_size, shuffle=True, generator=self.order)
-            ):
-                x = augment(
-                    self._prepare(xb),
-                    padding=cfg.crop_padding,
-                    flip=cfg.flip,
-                    cutout=cfg.cutout,
-                    generator=self.augment_rng,
-                )
+            for i, (x, yb) in enumerate(self.training_batches()):
                 with self._autocast():
                     out = step(self.model, opt, x, yb, self.scaler)
                 sums.add_batch(out.loss, out.logits, yb)

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from agr_optim.datasets import augment, batches
 from agr_optim.recipes import PGD
 from agr_optim.train import Trainer, load_data, resolve
 
@@ -57,21 +56,11 @@ def _floor_step(model: Any, opt: Any, x: Any, y: Any, scaler: Any) -> None:
 
 def _epoch_seconds(trainer: Trainer, arm: str) -> float:
     """One training epoch of ``trainer`` (no evaluation), in seconds."""
-    cfg = trainer.cfg
     opt = trainer.optimizer_for(0)
     start = time.perf_counter()
     with trainer._own_streams():
         trainer.model.train()
-        for xb, yb in batches(
-            trainer.data.x_train, trainer.data.y_train, cfg.batch_size, shuffle=True, generator=trainer.order
-        ):
-            x = augment(
-                trainer._prepare(xb),
-                padding=cfg.crop_padding,
-                flip=cfg.flip,
-                cutout=cfg.cutout,
-                generator=trainer.augment_rng,
-            )
+        for x, yb in trainer.training_batches():
             with trainer._autocast():
                 if arm == "floor":
                     _floor_step(trainer.model, opt, x, yb, trainer.scaler)
