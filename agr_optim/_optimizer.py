@@ -23,6 +23,7 @@ from ._amp import (
 from ._distributed import local_tensor
 from ._stats import NO_OUTPUT, ReconstructionStats
 from .functional import (
+    GRANULARITIES,
     _run,
     validate_clip_norm,
     validate_fused,
@@ -33,7 +34,6 @@ from .functional import (
 
 __all__ = ["AGROptimizer", "strip_agr_state"]
 
-GRANULARITIES = ("tensor", "group", "global")
 KINDS = ("clean", "adversarial")
 _STATE_KEY = "agr"
 _SETTINGS = ("clip_norm", "start_step", "granularity", "fused")
