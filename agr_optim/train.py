@@ -231,6 +231,11 @@ def build_parser() -> _Parser:
         description="Adversarial training with or without AGR, in the paper's protocol, from local data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags keep the preset's value
+        epilog=" ".join(
+            f"--preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()) + "."
+            for name, values in PRESETS.items()
+        )
+        + " lr_milestones/agr_start_epoch None: 50 %/75 % and 77.5 % of the epochs. Epochs are 0-based.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="the protocol's values (default: quick)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
