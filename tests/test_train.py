@@ -262,7 +262,7 @@ def _assert_same(a, b, where="checkpoint"):
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
 
 
-@pytest.mark.parametrize("method", ["at", "avmixup"])
+@pytest.mark.parametrize("method", ["at", pytest.param("avmixup", marks=pytest.mark.slow)])
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(method, cifar10, tmp_path, capsys):
     """Stopped (Ctrl-C) after epoch 0 of 2, then ``--resume``: bit for bit the 2-epoch run
     (weights, momentum, AGR state, scheduler, every random stream, metrics)."""
