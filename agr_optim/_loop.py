@@ -76,16 +76,15 @@ def reconstruct_loop(
         ]
         norm = _norm(r_over_m, acc, device)  # |r| / m
         clip = torch.ones_like(norm) if clip_norm is None else clip_scale_of(norm, norm, clip_norm / m)
-        for i, r in zip(indices, r_over_m, strict=True):
-            results[i] = (r * (m * clip)).to(adversarial[i].dtype)
         rows.append((k, norm * m, clip))
-    if out is NO_OUTPUT:
-        return [], _stats(rows)
-    if out is not None:
-        for target, r in zip(out, results, strict=True):
-            target.copy_(r)
-        results = list(out)
-    return results, _stats(rows)
+        if out is NO_OUTPUT:
+            continue
+        for i, r in zip(indices, r_over_m, strict=True):
+            r = r * (m * clip)
+            # Written as soon as the segment is done (it reads only its own tensors): at most
+            # one segment's float64 temporaries are alive.
+            results[i] = r.to(adversarial[i].dtype) if out is None else out[i].copy_(r)
+    return ([] if out is NO_OUTPUT else results), _stats(rows)
 
 
 def _stats(rows: list) -> ReconstructionStats:

@@ -66,15 +66,31 @@ def _as(fused):
     return _functional._use_implementation("loop")
 
 
+_own_process_group = False
+
+
 def _mesh():
-    """A world-size-1 gloo mesh, made once per test process (a loopback store)."""
+    """A world-size-1 gloo mesh on an in-process store, made on first use in this module and
+    destroyed after it (other test modules start their own process groups)."""
+    global _own_process_group
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
-        store = dist.HashStore()
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _own_process_group = True
     return init_device_mesh("cpu", (1,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _destroy_own_process_group():
+    yield
+    global _own_process_group
+    import torch.distributed as dist
+
+    if _own_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _own_process_group = False
 
 
 def _to_dtensors(tensors):
