@@ -102,6 +102,7 @@ CORRUPTIONS = {
     "a group without the entry": lambda g: {k: v for k, v in g.items() if k != "agr"},
 }
 MAX_PARAMS = 8
+MAX_CHECKPOINTS = 4
 #: What the runs exercised (outcomes by kind); also reported by ``--hypothesis-show-statistics``.
 COUNTS: Counter[str] = Counter()
 
@@ -109,7 +110,6 @@ COUNTS: Counter[str] = Counter()
 def note(what: str) -> None:
     COUNTS[what] += 1
     event(what)
-MAX_CHECKPOINTS = 4
 
 
 # --------------------------------------------------------------------------- the reference rule
@@ -275,8 +275,8 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ observation
     def observe(self) -> dict:
-        """Everything a refused call must leave as it was (never reads opt.param_groups:
-        while a gradient is stashed that builds the AMP stash group)."""
+        """Everything a refused call must leave as it was (the stash's contents show in the
+        result of the next step)."""
         inner = self.opt.optimizer
         return {
             "params": [s.param.detach().clone() for s in self.slots()],
@@ -390,7 +390,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         scale = data.draw(st.sampled_from([1.0, 1e-30, self.huge]), label="scale")
         return (values * scale).to(self.dtype)
 
-    def backward(self, data, scale: float | None = None, scaler=None, inf: bool = False) -> bool:
+    def backward(self, data, scaler=None, inf: bool = False) -> bool:
         """One backward pass of ``sum(p * g)`` over a drawn subset; False if nothing was trainable."""
         trainable = [s for s in self.slots() if not s.frozen]
         if not trainable:
@@ -841,6 +841,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         if fresh:
             return self.load_fresh(ck, loaded, plain)
+        if [len(g) for g in self.groups] == ck.sizes and [tuple(s.param.shape) for s in self.slots()] != ck.shapes:
+            return  # a model with other shapes: not a resume (torch checks the group sizes only)
         if [len(g) for g in self.groups] != ck.sizes:
             with self.refused("load_state_dict of a checkpoint with other param groups"):
                 self.opt.load_state_dict(loaded["optimizer"])
