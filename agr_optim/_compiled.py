@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._fused import budget, device_coefficients
+from ._fused import budget, device_coefficients, reconstruct_device
 from ._geometry import narrowest_accumulation_dtype, stats_of
 from ._gramian import LOW_PRECISION, range_floor
-from ._stats import ReconstructionStats
+from ._stats import NO_OUTPUT, ReconstructionStats
 
 
 def _fused_compilable(
@@ -69,6 +69,9 @@ def reconstruct_compiled(
 ) -> tuple[list[Tensor], ReconstructionStats]:
     """:func:`_fused_compilable` through ``torch.compile`` (the kernel is compiled once per process)."""
     global _compiled_kernel
+    if out is NO_OUTPUT:  # statistics only: the same coefficients, eagerly, no kernel to compile
+        return reconstruct_device(adversarial, clean, segment_ids=segment_ids, num_segments=num_segments,
+                                  clip_norm=clip_norm, out=out)
     if _compiled_kernel is None:
         _compiled_kernel = torch.compile(_fused_compilable, dynamic=False)
     device = adversarial[0].device

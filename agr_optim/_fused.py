@@ -128,7 +128,8 @@ def reconstruct_host(
         segments = sorted(members_of)
         per_tensor = torch.stack(tensor_sums(adv, cln))  # |a|^2, <a,c>, |c|^2 per tensor
         if distributed:
-            local_ids = torch.tensor([segments.index(segment_ids[start + m]) for m in range(stop - start)])
+            position_of = {segment: position for position, segment in enumerate(segments)}
+            local_ids = torch.tensor([position_of[segment_ids[start + m]] for m in range(stop - start)])
             per = _weighted(per_tensor.view(-1, 3).to(torch.float64), weights)
             totals = reduction.segment_sums(per, local_ids.to(per.device), len(segments)).tolist()
         else:
@@ -158,7 +159,12 @@ def reconstruct_host(
                 r = rule(dot, sq_a, sq_c, clip_norm=clip_norm, rounding=rounding, exact_norm=norm, **sums)
             rows.append(r)
             rescued_rows.append(suspect[position])
-            if suspect[position]:
+            # Rescued segments, and coefficients that float32 cannot hold (the fast combine
+            # rounds them to float32 for float32/bf16/fp16 gradients): combined in float64.
+            if suspect[position] or (
+                any(adv[m].dtype != torch.float64 for m in members)
+                and not (_fits_float32(r.adversarial) and _fits_float32(r.clean))
+            ):
                 exact.append((members, r, scale_c))
             for m in members:
                 k_a[m], k_c[m] = r.adversarial, r.clean
@@ -179,6 +185,14 @@ def reconstruct_host(
                 block_out[m] = t
         results += block_out  # type: ignore[arg-type]
     return results, _stats_from_floats(rows, rescued_rows)
+
+
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _fits_float32(k: float) -> bool:
+    """Whether a coefficient keeps its value rounded to float32 (0, or a normal float32)."""
+    return k == 0.0 or (_FLOAT32.tiny <= abs(k) <= _FLOAT32.max / 2) or math.isnan(k)
 
 
 def _explicit_norm(

@@ -89,10 +89,15 @@ def out_of_range(dot: Any, sq_a: Any, sq_c: Any, floor: float) -> Any:
 
 
 def power_of_two_at_least(x: Tensor) -> Tensor:
-    """The smallest power of two >= ``x`` (> 0 and finite), 1 elsewhere: dividing by it is exact."""
+    """The smallest power of two >= ``x`` (> 0 and finite), 1 elsewhere: dividing by it is exact.
+
+    Capped at the largest finite power of two (``x / scale`` is then at most 2, not 0 or inf)."""
     mantissa, exponent = torch.frexp(x)
-    scale = torch.ldexp(torch.ones_like(x), exponent)
-    scale = torch.where(mantissa == 0.5, scale / 2, scale)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    # frexp's exponent e means 2^(e-1) <= x < 2^e; the largest finite power of two is
+    # 2^(e_max - 1) with e_max the exponent of the largest finite value (1023 for float64).
+    top = math.frexp(torch.finfo(x.dtype).max)[1] - 1
+    scale = torch.ldexp(torch.ones_like(x), torch.clamp(exponent, max=top))
     return torch.where(torch.isfinite(x) & (x > 0), scale, torch.ones_like(x))
 
 

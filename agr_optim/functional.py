@@ -201,8 +201,8 @@ def _choose(fused: bool | str, device: torch.device, statistics_only: bool) -> t
         return _override
     if fused is False:
         return "loop", {}
-    if fused == "compile" and not statistics_only:
-        return "compiled", {}
+    if fused == "compile":  # its statistics without compiling: the same schedule, eagerly
+        return ("device" if statistics_only else "compiled"), {}
     host_readable = device.type == "cpu" and not torch.compiler.is_compiling()
     return ("host" if host_readable else "device"), {}
 
@@ -224,10 +224,14 @@ def _run(
     with torch.no_grad():
         # Validation (every caller's) made DTensors all-or-none: the first one tells.
         if is_dtensor(adversarial[0]):
-            name, _ = _choose(True if fused is False or fused == "compile" else fused,
-                              adversarial[0].to_local().device, True)  # type: ignore[attr-defined]
+            # Shards run the fused schedules whatever ``fused`` says: the host one where host
+            # reads are free (CPU, eager), unless a test forces the device one.
+            local_device = adversarial[0].to_local().device  # type: ignore[attr-defined]
+            host_reads = local_device.type == "cpu" and not torch.compiler.is_compiling()
+            if _override is not None and _override[0] == "device":
+                host_reads = False
             return reconstruct_dtensor(adversarial, clean, segment_ids=segment_ids, num_segments=num_segments,
-                                       clip_norm=clip, out=out, host_reads=name == "host")
+                                       clip_norm=clip, out=out, host_reads=host_reads)
         name, options = _choose(fused, adversarial[0].device, out is NO_OUTPUT)
         return _IMPLEMENTATIONS[name](list(adversarial), list(clean), segment_ids=segment_ids,
                                       num_segments=num_segments, clip_norm=clip, out=out, **options)
@@ -293,7 +297,9 @@ def validate_writable(adversarial: Sequence[Tensor], clean: Sequence[Tensor | No
     spans: list[tuple[int, int, str]] = []
     for name, tensors in (("adversarial", adversarial), ("clean", clean)):
         for i, t in enumerate(tensors):
-            if t is None or t.numel() == 0 or is_dtensor(t):
+            if t is not None and is_dtensor(t):
+                t = t.to_local()  # type: ignore[attr-defined]
+            if t is None or t.numel() == 0:
                 continue
             if name == "adversarial" and torch._debug_has_internal_overlap(t) == 1:
                 raise ValueError(
@@ -320,5 +326,8 @@ def validate_writable(adversarial: Sequence[Tensor], clean: Sequence[Tensor | No
 def _check_dense_float(t: Tensor, name: str) -> None:
     if t.is_sparse or t.layout != torch.strided:
         raise ValueError(f"{name} is a sparse gradient (layout {t.layout}); AGR supports dense gradients only")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} has dtype {t.dtype}; expected a floating-point gradient")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"{name} has dtype {t.dtype}; expected a floating-point gradient of dtype float16, bfloat16, float32 "
+            "or float64"
+        )

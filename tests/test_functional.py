@@ -815,3 +815,72 @@ def test_finite_inputs_never_give_non_finite_updates_without_host_reads(log_a, l
     assert torch.isfinite(r).all()
     if clip is not None:
         assert r.double().norm().item() <= clip * (1 + 1e-5)
+
+
+_F64 = dict(dtype=torch.float64)
+#: Review findings on the CPU paths: (adversarial, clean, kwargs), each once wrong.
+_EXTREMES = {
+    # power-of-two scales of values >= 2^1023 were inf
+    "f64_clean_at_the_top": ([torch.tensor([1.0, 0.0], **_F64)], [torch.tensor([1e308, 1e308], **_F64)], {}),
+    "f64_adversarial_at_the_top": ([torch.tensor([1e308], **_F64)], [None], {"clip_norm": 1.0}),
+    "f64_orthogonal_top_clip": ([torch.tensor([1e10, 0.0], **_F64)], [torch.tensor([0.0, 1e308], **_F64)],
+                                {"clip_norm": 1.0}),
+    # float32 coefficients of a float64-dominated global segment overflowed (NaN, Inf)
+    "mixed_dtypes_k_c_overflows_float32": (
+        [torch.tensor([1e40, 0.0], **_F64), torch.tensor([1.0])],
+        [torch.tensor([-1e-5, 1e-5], **_F64), torch.tensor([1e-30])], {"granularity": "global"}),
+    # the float32 clip coefficient underflowed (clip / |r| < 1e-38)
+    "k_a_below_float32_normals": ([torch.tensor([1e18, 0.0])], [torch.tensor([0.0, 1.0])], {"clip_norm": 1e-30}),
+    "k_a_subnormal_in_float32": ([torch.tensor([0.6e14, 0.8e14])], [torch.tensor([0.8, -0.6])],
+                                 {"clip_norm": 1e-30}),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False, DTENSOR], ids=["fused", "loop", "dtensor"])
+@pytest.mark.parametrize("name", sorted(_EXTREMES))
+def test_extreme_but_finite_gradients_are_reconstructed_exactly_on_cpu(fused, name) -> None:
+    a, c, kwargs = _EXTREMES[name]
+    got = reconstruct(a, c, fused=fused, **kwargs)
+    segments = [list(range(len(a)))] if kwargs.get("granularity") == "global" else [[i] for i in range(len(a))]
+    for members in segments:
+        want = _exact(torch.cat([a[i].double().reshape(-1) for i in members]),
+                      torch.cat([(torch.zeros_like(a[i]) if c[i] is None else c[i]).double().reshape(-1)
+                                 for i in members]), kwargs.get("clip_norm"))
+        result = torch.cat([got[i].double().reshape(-1) for i in members]).numpy()
+        assert np.isfinite(result).all()
+        np.testing.assert_allclose(result, want, rtol=1e-6, atol=0)
+
+
+def test_statistics_of_compile_are_those_of_the_compiled_path_and_change_nothing() -> None:
+    """``statistics(fused="compile")`` describes the update that ``fused="compile"`` makes (no
+    host reads: no rescue), not the CPU path's; under a forced compiled implementation too."""
+    a, c = [torch.tensor([1e-6, 0.0])], [torch.tensor([-1e-30, 1e-30])]
+    before = snapshot(a + c)
+    stats = _functional.statistics(a, c, clip_norm=0.1, fused="compile")
+    with _functional._use_implementation("device"):
+        device = _functional.reconstruct_([x.clone() for x in a], c, clip_norm=0.1)
+    with _functional._use_implementation("compiled"):
+        forced = _functional.statistics(a, c, clip_norm=0.1)
+    for s in (stats, forced):
+        assert torch.equal(s.cosine, device.cosine) and torch.equal(s.out_of_range, device.out_of_range)
+    assert_unchanged(before, a + c, "inputs")
+
+
+def test_dtensor_under_a_forced_loop_still_reads_the_host() -> None:
+    """DTensors always run the fused schedules; forcing "loop" must not silently drop the CPU
+    path's rescue (it ran the device schedule)."""
+    a, c = [torch.tensor([1e-6, 0.0])], [torch.tensor([-1e-30, 1e-30])]
+    with _functional._use_implementation("loop"):
+        (r,) = _functional.reconstruct(_to_dtensors(a), _to_dtensors(c))
+    np.testing.assert_allclose(r.to_local().numpy(), [5e-7, 5e-7], rtol=1e-6)
+
+
+def test_in_place_refuses_aliased_dtensors_and_float8_before_writing() -> None:
+    (d,) = _to_dtensors([torch.randn(4)])
+    with pytest.raises(ValueError, match="share memory"):
+        _functional.reconstruct_([d, d], _to_dtensors([torch.randn(4), torch.randn(4)]))
+    big, small = torch.randn(1 << 19), torch.randn(3).to(torch.float8_e4m3fn)
+    before = big.clone()
+    with pytest.raises(ValueError, match=r"adversarial\[1\] has dtype torch.float8_e4m3fn"):
+        _functional.reconstruct_([big, small], [torch.randn(1 << 19), None])
+    assert torch.equal(big, before)
