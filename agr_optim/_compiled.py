@@ -3,8 +3,9 @@
 The sums as ``(a * c).sum()`` and friends, which inductor fuses into one loop per tensor reading
 ``a`` and ``c`` once, the coefficients by the device schedule's own
 :func:`~agr_optim._fused.device_coefficients`, and the combine as one expression per tensor (one
-loop: read ``a`` and ``c``, write ``r``). Compiled on first use and again for new shapes (tens of
-seconds on CPU). Like the eager device schedule it never reads a value back: out-of-range
+loop: read ``a`` and ``c``, write ``r``). Compiled on first use (tens of seconds on CPU) and again
+for new shapes, dtypes or ``clip_norm`` values (the floats are specialised; past torch's recompile
+limit it falls back to eager). Like the eager device schedule it never reads a value back: out-of-range
 segments keep only their adversarial gradient (``stats.out_of_range``), ill-conditioned
 projections are clipped by a safe bound.
 """

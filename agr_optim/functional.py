@@ -75,7 +75,8 @@ def reconstruct(
             gradients still in the cache); ``False`` for the plain per-segment loop
             that states the math. Both give the same result up to rounding. ``"compile"``
             (opt-in): the fused path through ``torch.compile``, one pass per tensor for the
-            sums and one for the combine; the first call compiles (tens of seconds on CPU).
+            sums and one for the combine; the first call compiles (tens of seconds on CPU), and so
+            does a call with new shapes, dtypes or a new ``clip_norm`` (torch.compile specialises on it).
             Without host reads (accelerators, ``"compile"``) segments whose float32 squares
             leave the accurate range (norms beyond about 1e19 or below about 1e-12) keep only
             their clipped adversarial gradient (``out_of_range`` in the statistics); on eager
