@@ -117,7 +117,8 @@ def reconstruct_dtensor(
     local_out = out if out is None or out is NO_OUTPUT else [local_tensor(t) for t in out]
     results, stats = schedule(
         local_a, local_c, segment_ids=segment_ids, num_segments=num_segments, clip_norm=clip_norm, out=local_out,
-        reduction=MeshReduction(mesh, dims, [a.numel() for a in adversarial]), weights=None if all(w == 1.0 for w in weights) else weights,
+        reduction=MeshReduction(mesh, dims, [a.numel() for a in adversarial]),
+        weights=None if all(w == 1.0 for w in weights) else weights,
     )
     if out is NO_OUTPUT:
         return [], stats

@@ -151,7 +151,8 @@ def underflowed_to_zero(
     if getattr(reduction, "distributed", False):  # the same decision on every rank
         device = adv[0].device
         local = torch.tensor(flags, dtype=torch.float64, device=device)
-        flags = [f > 0 for f in reduction.segment_max(local, torch.arange(len(zero), device=device), len(zero)).tolist()]
+        reduced = reduction.segment_max(local, torch.arange(len(zero), device=device), len(zero))
+        flags = [f > 0 for f in reduced.tolist()]
     for i, flag in zip(zero, flags, strict=True):
         suspect[i] = bool(flag)
 

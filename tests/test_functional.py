@@ -9,8 +9,8 @@ paper's rule in float64 numpy, or with a geometric property that needs no refere
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
