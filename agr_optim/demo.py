@@ -37,6 +37,7 @@ from .train import (
     METHOD_NAMES,
     METHODS,
     ConfigError,
+    Diverged,
     TrainConfig,
     Trainer,
     _Parser,
@@ -303,7 +304,8 @@ def _human(seconds: float) -> str:
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; returns 0. Bad arguments: a one-line error on stderr and ``SystemExit(2)``."""
+    """Run the demo; returns 0, or 3 when a run diverged (a one-line error, nothing written). Bad
+    arguments: a one-line error on stderr and ``SystemExit(2)``."""
     threads = torch.get_num_threads()
     try:
         return _main(argv)
@@ -360,7 +362,12 @@ def _main(argv: Sequence[str] | None) -> int:
             bar.update(1)
 
         for seed in range(args.seeds):
-            results.extend(train_pair(cfg, data, seed, on_epoch=tick))
+            try:
+                results.extend(train_pair(cfg, data, seed, on_epoch=tick))
+            except Diverged as error:  # NaN figures are no result: stop with one line, write nothing
+                bar.close()
+                sys.stderr.write(f"agr-demo: error: seed {seed} diverged: {error}; lower --lr ({cfg.lr:g} now)\n")
+                return 3
             bar.set_postfix_str(
                 f"last seed clean {results[-2].clean_acc:.3f}/{results[-1].clean_acc:.3f}, "
                 f"robust {results[-2].robust_acc:.3f}/{results[-1].robust_acc:.3f} (plain/AGR)"

@@ -40,7 +40,8 @@ import io
 import json
 import math
 import os
-import secrets
+import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,15 @@ from . import AGROptimizer, StatsAccumulator
 from .datasets import DATASETS
 from .models import MODELS, build_model
 from .recipes import PGD, avmixup_step, awp_step, mart_step, pgd_at_step, trades_step
+from .training import run_folder
+from .training.run_folder import (  # re-exported: agr-demo and earlier callers import them from here
+    RunFolderError,
+    WriteError,
+    atomic_write,
+    unwritable,
+    write_json,
+    write_text,
+)
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "ConfigError", "resolve", "train", "main", "METRIC_COLUMNS"]
 
@@ -61,6 +71,16 @@ METHODS = ("at", "trades", "mart", "awp", "avmixup")
 METHOD_NAMES = {"at": "PGD-AT", "trades": "TRADES", "mart": "MART", "awp": "AWP", "avmixup": "AVmixup"}
 AMP_MODES = ("none", "bf16", "fp16")
 PAPER_AGR_START_FRACTION = 155 / 200  # AGR from epoch 155 of 200, after the last lr decay (150)
+# Bounds that keep a run from crashing after it started (issue 14): every image is held in memory
+# at --image-size (256 is already 9.8 GB for CIFAR-10's 50,000 train images); torch's generators
+# take seeds below 2**64 and the run adds small offsets to the seed; torch.set_num_threads takes
+# an int32, and more threads than 1024 is not a machine this runs on.
+MAX_IMAGE_SIDE = 256
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+#: The datasets' image sides, to refuse a --crop-padding before anything is loaded (the loaded
+#: data are checked again: ``npz`` has no fixed side).
+NATIVE_SIDES = {"digits": 8, "mnist5k": 28, "cifar10": 32, "cifar100": 32, "tiny-imagenet": 64}
 
 #: The presets' values. ``lr_milestones`` and ``agr_start_epoch`` may be ``None``: they then
 #: follow ``epochs`` (x0.1 at 50 % and 75 %, AGR from 77.5 %: the paper's 100, 150, 155 of 200).
@@ -180,7 +200,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "none"
     compile: bool = False
-    threads: int | None = None
+    threads: int | None = 1  # None (configs of earlier versions): torch's default
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -283,7 +303,12 @@ def build_parser() -> _Parser:
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1, mps")
     p.add_argument("--amp", choices=AMP_MODES, help="autocast dtype on CUDA (fp16 with a GradScaler)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1: more oversubscribe a busy machine, see the docs; on CPU the "
+        "results depend on it, so it is saved in config.json)",
+    )
     p.add_argument("--out", help="output folder (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     return p
@@ -373,7 +398,6 @@ def _validate(cfg: TrainConfig) -> None:
     need(integer(cfg.attack_steps) and cfg.attack_steps >= 1, "attack-steps", "an integer >= 1", cfg.attack_steps)
     need(integer(cfg.eval_steps) and cfg.eval_steps >= 1, "eval-steps", "an integer >= 1", cfg.eval_steps)
     need(integer(cfg.eval_every) and cfg.eval_every >= 1, "eval-every", "an integer >= 1", cfg.eval_every)
-    need(integer(cfg.crop_padding) and cfg.crop_padding >= 0, "crop-padding", "an integer >= 0", cfg.crop_padding)
     need(
         cfg.cutout in (None, "authors") or (isinstance(cfg.cutout, int) and integer(cfg.cutout) and cfg.cutout > 0),
         "cutout",
@@ -381,10 +405,18 @@ def _validate(cfg: TrainConfig) -> None:
         cfg.cutout,
     )
     need(
-        cfg.image_size is None or (integer(cfg.image_size) and cfg.image_size >= 2),
+        cfg.image_size is None or (integer(cfg.image_size) and 2 <= cfg.image_size <= MAX_IMAGE_SIDE),
         "image-size",
-        "an integer >= 2",
+        f"an integer in [2, {MAX_IMAGE_SIDE}] (every image is held in memory at this side)",
         cfg.image_size,
+    )
+    side = cfg.image_size or NATIVE_SIDES.get(cfg.dataset, MAX_IMAGE_SIDE)
+    need(
+        integer(cfg.crop_padding) and 0 <= cfg.crop_padding < side,
+        "crop-padding",
+        f"an integer in [0, {side - 1}], below the image side {side} of --dataset {cfg.dataset}"
+        f"{'' if cfg.image_size is None else f' --image-size {cfg.image_size}'}",
+        cfg.crop_padding,
     )
     need(cfg.clean_pass in ("always", "needed"), "clean-pass", "always or needed", cfg.clean_pass)
     need(isinstance(cfg.warm_start_stats, bool), "warm-start-stats", "True or False", cfg.warm_start_stats)
@@ -397,20 +429,34 @@ def _validate(cfg: TrainConfig) -> None:
         ">= 0",
         cfg.autoattack_samples,
     )
-    need(integer(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
-    need(cfg.threads is None or (integer(cfg.threads) and cfg.threads >= 1), "threads", "an integer >= 1", cfg.threads)
+    need(integer(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", cfg.seed)
+    need(
+        cfg.threads is None or (integer(cfg.threads) and 1 <= cfg.threads <= MAX_THREADS),
+        "threads",
+        f"an integer in [1, {MAX_THREADS}]",
+        cfg.threads,
+    )
+    need(isinstance(cfg.out, str) and cfg.out != "" and "\0" not in cfg.out, "out", "a folder path", cfg.out)
     need(
         cfg.dataset not in ("cifar10", "cifar100", "tiny-imagenet", "npz") or cfg.data_dir is not None,
         "data-dir",
         f"given for --dataset {cfg.dataset} (nothing is downloaded)",
         cfg.data_dir,
     )
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, ValueError) as error:
-        raise ConfigError(f"invalid --device {cfg.device!r}: {error}") from None
+    need(
+        isinstance(cfg.device, str) and re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+        "device",
+        "cpu, cuda, cuda:INDEX or mps",
+        cfg.device,
+    )
+    device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device!r}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {cfg.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {cfg.device!r}: MPS is not available on this machine; use --device cpu")
     if cfg.amp != "none" and device.type != "cuda":
@@ -425,50 +471,7 @@ def _validate(cfg: TrainConfig) -> None:
             ) from None
 
 
-def unwritable(out: str) -> str | None:
-    """Why ``out`` cannot be (created and) written, or ``None``; creates nothing."""
-    path = os.path.abspath(out)
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        return f"{probe!r} exists and is not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"no write permission in {probe!r}"
-    return None
-
-
 # ---------------------------------------------------------------------- files
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file beside ``path``, then rename: never a half-written file.
-
-    The temporary file is created with mode 0666 minus the umask, like ``open(path, "w")``
-    (``tempfile.mkstemp`` would leave 0600).
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def write_json(path: str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
 def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
@@ -496,36 +499,54 @@ def _step_function(cfg: TrainConfig, generator: torch.Generator, clean_pass: str
     return lambda m, o, x, y, s: avmixup_step(m, o, x, y, attack=attack, generator=generator, scaler=s, **common)
 
 
+class Diverged(ArithmeticError):
+    """Training produced a NaN or an infinity: ``what``, in 0-based ``epoch`` at 0-based ``step``
+    (``None``: found after the epoch's last step). The trainer's state is then unusable."""
+
+    def __init__(self, what: str, epoch: int, step: int | None, steps: int) -> None:
+        where = f"after the last step of epoch {epoch}" if step is None else f"at epoch {epoch}, step {step}"
+        super().__init__(f"{what} is not finite {where} (0-based; {steps} steps per epoch)")
+        self.what, self.epoch, self.step = what, epoch, step
+
+
 class _EpochSums:
-    """Per-epoch sums kept on the device (no host read per step); read once at the end.
+    """Per-epoch sums kept on the device (no host read per step); read every few seconds.
 
     The AGR figures are :class:`~agr_optim.StatsAccumulator`'s with ``min_norm_ratio=None``: the
     AGR code's means over every parameter tensor and step. The projection rate without the
     near-zero segments (conv biases before BatchNorm, whose cosine is rounding noise) is logged
-    beside it.
+    beside it. The first step whose loss is not finite is recorded on the device too, so that
+    divergence is found at the next read without a host read per step.
     """
 
     def __init__(self, device: torch.device) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.train = torch.zeros(3, dtype=dtype, device=device)  # loss * n, correct, n
+        # loss * n, correct, n, 1 + the first step with a non-finite loss (0: none yet)
+        self.train = torch.zeros(4, dtype=dtype, device=device)
         self.agr = StatsAccumulator(min_norm_ratio=None)
         self.agr_without_near_zero = StatsAccumulator()
 
-    def add_batch(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+    def add_batch(self, loss: Tensor, logits: Tensor, y: Tensor, step: int) -> None:
+        loss = loss.detach().to(self.train.dtype)
         n = torch.full((), y.shape[0], dtype=self.train.dtype, device=self.train.device)
         correct = (logits.argmax(dim=1) == y).sum().to(self.train.dtype)
-        self.train += torch.stack([loss.detach().to(self.train.dtype) * n, correct, n])
+        seen = self.train[3]
+        first = torch.where((seen == 0) & ~torch.isfinite(loss), step + 1, seen)
+        self.train += torch.stack([loss * n, correct, n, first - seen])
 
     def add_agr(self, optimizer: AGROptimizer) -> None:
         self.agr.update(optimizer)
         self.agr_without_near_zero.update(optimizer)
 
-    def running(self) -> tuple[float, float]:
-        loss_n, correct, n = self.train.tolist()
-        return (loss_n / n, correct / n) if n else (math.nan, math.nan)
+    def read(self) -> tuple[float, float, int | None]:
+        """Running loss and robust accuracy, and the first step with a non-finite loss (or
+        ``None``): one host read."""
+        loss_n, correct, n, bad = self.train.tolist()
+        first_bad = int(bad) - 1 if bad else None
+        return (loss_n / n, correct / n, first_bad) if n else (math.nan, math.nan, first_bad)
 
     def finish(self) -> dict[str, float | None]:
-        loss, acc = self.running()
+        loss, acc, _ = self.read()
         row: dict[str, float | None] = {"train_loss": loss, "train_robust_acc": acc}
         counted = self.agr.steps > 0
         means = self.agr.compute() if counted else {}
@@ -557,6 +578,12 @@ def load_data(cfg: TrainConfig) -> Any:
     device = torch.device(cfg.device)
     moved = {k: getattr(ds, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
     return replace(ds, **moved)
+
+
+#: ``progress(done, total, running)``: see :meth:`Trainer.train_epoch`.
+Progress = Callable[[int, int, "tuple[float, float] | None"], None]
+#: Seconds of wall time between two reads of the running figures (progress and divergence).
+PROGRESS_SECONDS = 5.0
 
 
 class Trainer:
@@ -696,8 +723,18 @@ class Trainer:
             )
             yield x, yb
 
-    def train_epoch(self, progress: Callable[[int, int, _EpochSums], None] | None = None) -> dict[str, Any]:
-        """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row."""
+    def train_epoch(self, progress: Progress | None = None) -> dict[str, Any]:
+        """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row.
+
+        The running loss and robust accuracy are read from the device every
+        :data:`PROGRESS_SECONDS` of wall time (a read waits for the device: never per step) and
+        after the last step. ``progress(done, total, running)`` is called after every step,
+        ``running`` being ``(loss, robust accuracy)`` after such a read and ``None`` otherwise.
+
+        Raises :class:`Diverged` at the first read that finds a non-finite loss (naming the first
+        such step), or after the epoch when a weight, a buffer, a momentum or an epoch mean is not
+        finite; the trainer is then unusable, and nothing of the epoch was recorded.
+        """
         cfg, epoch = self.cfg, self.epoch
         opt = self.optimizer_for(epoch)
         step = self._warm_step if opt is self.agr_warm else self._step
@@ -706,22 +743,39 @@ class Trainer:
         total = (n + cfg.batch_size - 1) // cfg.batch_size
         lr = self.sgd.param_groups[0]["lr"]
         start = time.perf_counter()
+        read_at = start + PROGRESS_SECONDS
+
+        def read() -> tuple[float, float]:
+            loss, acc, bad = sums.read()
+            if bad is not None:
+                raise Diverged("the training loss", epoch, bad, total)
+            return loss, acc
+
         with self._own_streams():
             self.model.train()
             for i, (x, yb) in enumerate(self.training_batches()):
                 with self._autocast():
                     out = step(self.model, opt, x, yb, self.scaler)
-                sums.add_batch(out.loss, out.logits, yb)
+                sums.add_batch(out.loss, out.logits, yb, i)
                 if isinstance(opt, AGROptimizer):
                     sums.add_agr(opt)
+                running = None
+                if time.perf_counter() >= read_at:  # wall time: a host clock, no device read
+                    running = read()
+                    read_at = time.perf_counter() + PROGRESS_SECONDS
                 if progress is not None:
-                    progress(i + 1, total, sums)
+                    progress(i + 1, total, running)
+            read()
+        self._check_finite(epoch, total)
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {"epoch": epoch, "lr": lr, "agr_active": int(opt is self.agr)}
         row.update(sums.finish())
+        for column, value in row.items():  # what metrics.csv and summary.json will hold
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Diverged(f"the epoch's {column}", epoch, None, total)
         row.update({"test_clean_acc": None, "test_robust_acc": None, "seconds": seconds, "eval_seconds": None})
         if cfg.evaluates(epoch):
             start = time.perf_counter()
@@ -732,6 +786,19 @@ class Trainer:
         self.metrics.append(row)
         self.epoch += 1
         return row
+
+    def _check_finite(self, epoch: int, steps: int) -> None:
+        """:class:`Diverged` naming the first weight, buffer or momentum with a NaN or an infinity
+        (one host read for all of them: once per epoch)."""
+        named = [(f"the model's {k}", t) for k, t in self.module.state_dict().items() if t.is_floating_point()]
+        for i, state in enumerate(self.sgd.state.values()):
+            named += [(f"the optimizer's {k} of parameter {i}", t) for k, t in state.items() if torch.is_tensor(t)]
+        named = [(name, t) for name, t in named if t.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+        if not bool(finite.all()):
+            raise Diverged(named[int((~finite).nonzero()[0, 0])][0], epoch, None, steps)
 
     def evaluate(self, *, batch_size: int = 256) -> tuple[float, float]:
         """Clean and PGD (``eval_steps``) test accuracy; attack starts from a seed of their own,
@@ -778,24 +845,39 @@ def _screen_line(cfg: TrainConfig, row: dict[str, Any]) -> str:
     return text + f" | {row['seconds']:.1f} s"
 
 
-def _progress_bar(cfg: TrainConfig, epoch: int) -> tuple[Callable[[int, int, _EpochSums], None] | None, Any]:
-    """A tqdm bar on a terminal (running loss and robust accuracy every few steps), else None."""
-    if not sys.stderr.isatty():
-        return None, None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None, None
-    bar = tqdm(total=None, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True)
+def _progress(epoch: int) -> tuple[Progress, Any]:
+    """The epoch's progress: a tqdm bar on a terminal, else a plain line on stderr at every read of
+    the running figures (every :data:`PROGRESS_SECONDS`: an epoch of silence reads as a hang).
+    Returns the callback and the bar to close (or ``None``)."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(
+                total=None, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True
+            )
 
-    def update(done: int, total: int, sums: _EpochSums) -> None:
-        bar.total = total
-        if done % max(1, total // 20) == 0 or done == total:  # a host read: not every step
-            loss, acc = sums.running()
-            bar.set_postfix_str(f"loss {loss:.4f} train-rob {100 * acc:.2f}", refresh=False)
-        bar.update(1)
+            def update(done: int, total: int, running: tuple[float, float] | None) -> None:
+                bar.total = total
+                if running is not None:
+                    bar.set_postfix_str(f"loss {running[0]:.4f} train-rob {100 * running[1]:.2f}", refresh=False)
+                bar.update(done - bar.n)
 
-    return update, bar
+            return update, bar
+    start = time.perf_counter()
+
+    def line(done: int, total: int, running: tuple[float, float] | None) -> None:
+        if running is not None:
+            print(
+                f"agr-train: epoch {epoch}: batch {done}/{total}, loss {running[0]:.4f}, "
+                f"train-rob {100 * running[1]:.2f} %, {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return line, None
 
 
 def _plot_curves(cfg: TrainConfig, rows: Sequence[dict[str, Any]], path: str) -> bool:
@@ -844,15 +926,20 @@ def _plot_curves(cfg: TrainConfig, rows: Sequence[dict[str, Any]], path: str) ->
 
 def _autoattack(trainer: Trainer, best_state: dict[str, Any] | None) -> dict[str, Any]:
     """AutoAttack (torchattacks, standard L-inf) on the first samples of the test set, on the best
-    checkpoint's weights (the last ones when nothing was evaluated)."""
+    checkpoint's weights (the last ones when nothing was evaluated, or when ``checkpoint_best.pt``
+    is missing or holds another epoch than the run's best: the summary says which)."""
     import torchattacks
 
     cfg = trainer.cfg
     model = copy.deepcopy(trainer.module)
     which = "last"
-    if best_state is not None:
+    want = None if trainer.best is None else trainer.best["epoch"]
+    if best_state is not None and best_state.get("epoch") == want:
         model.load_state_dict(best_state["model"])
-        which = f"best (epoch {best_state['epoch']})"
+        which = f"best (epoch {want})"
+    elif want is not None:
+        found = "none" if best_state is None else f"epoch {best_state.get('epoch')}"
+        which = f"last (the best epoch is {want}, {run_folder.CHECKPOINT_BEST} holds {found})"
     model.eval()
     n = min(cfg.autoattack_samples, trainer.data.y_test.shape[0])
     atk = torchattacks.AutoAttack(
@@ -887,20 +974,181 @@ def _summary(trainer: Trainer, autoattack: dict[str, Any] | None) -> dict[str, A
     }
 
 
-def _save_epoch(trainer: Trainer, out: str) -> None:
-    state = trainer.state_dict()
-    atomic_write(os.path.join(out, "checkpoint_last.pt"), lambda tmp: torch.save(state, tmp))
-    if trainer.best is not None and trainer.best["epoch"] == trainer.epoch - 1:
-        best = {"epoch": trainer.best["epoch"], "model": state["model"], "metrics": trainer.best}
-        atomic_write(os.path.join(out, "checkpoint_best.pt"), lambda tmp: torch.save(best, tmp))
+def _write_outputs(trainer: Trainer, autoattack: dict[str, Any] | None = None, *, curves: bool = True) -> bool:
+    """``metrics.csv``, ``summary.json`` and (with ``curves``) ``curves.png`` from the trainer's
+    history: a resumed run rebuilds the first two from its checkpoint before it trains, and every
+    run draws the curves at its end. Returns whether matplotlib drew them."""
+    out = trainer.cfg.out
     write_text(os.path.join(out, "metrics.csv"), metrics_csv(trainer.metrics))
-    write_json(os.path.join(out, "summary.json"), _summary(trainer, None))
+    write_json(os.path.join(out, "summary.json"), _summary(trainer, autoattack))
+    if not curves or not trainer.metrics:
+        return True
+    return _plot_curves(trainer.cfg, trainer.metrics, os.path.join(out, "curves.png"))
+
+
+def _best_checkpoint(trainer: Trainer, state: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``checkpoint_best.pt`` holds when ``state`` (after its last epoch) is the best."""
+    best = trainer.best
+    if best is None or best["epoch"] != trainer.epoch - 1:
+        return None
+    return {"epoch": best["epoch"], "model": state["model"], "metrics": best}
+
+
+def _save_epoch(trainer: Trainer, checkpoints: run_folder.Checkpoints, saved: _Saved) -> None:
+    """The epoch's checkpoints (checksummed, the last one before the best one), then the
+    metrics and the summary: a kill anywhere leaves a folder that resumes (tests/test_run_folder.py)."""
+    settings = {k: v for k, v in trainer.cfg.to_json().items() if k != "out"}  # a folder may be moved
+    state = {**trainer.state_dict(), "config": settings}
+    checkpoints.save(state, trainer.epoch - 1, _best_checkpoint(trainer, state))
+    saved.epoch = trainer.epoch - 1
+    write_text(os.path.join(trainer.cfg.out, "metrics.csv"), metrics_csv(trainer.metrics))
+    write_json(os.path.join(trainer.cfg.out, "summary.json"), _summary(trainer, None))
 
 
 def _print_config(cfg: TrainConfig, sources: dict[str, str], log: Callable[[str], None]) -> None:
     log(f"agr-train: {METHOD_NAMES[cfg.method]}{' + AGR' if cfg.agr else ''}, preset {cfg.preset}; every setting:")
     for key, value in cfg.to_json().items():
         log(f"  {key:<20} {value!r:<28} ({sources.get(key, 'default')})")
+
+
+# ---------------------------------------------------------------------- a run's life in its folder
+#: Exit statuses of ``agr-train`` (docs/agr_train.rst).
+EXIT_REFUSED, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_INTERRUPTED = 2, 3, 4, 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`; the message says what is saved and how to go on."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its end: ``code`` :data:`EXIT_DIVERGED` or
+    :data:`EXIT_WRITE_FAILED`; the message (one line) says why, what is saved and what to do."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Saved:
+    """How far the run's folder goes, for the message when the run stops early."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.started = out, False
+        self.epoch: int | None = None  # the last 0-based epoch in checkpoint_last.pt
+
+    def where(self) -> str:
+        out, command = self.out, f"agr-train --out {shlex.quote(self.out)} --resume"
+        if not self.started:
+            return f"nothing of the run was written to {out}: run the same command again"
+        if self.epoch is None:
+            return f"no epoch was saved yet: {command} starts the run from epoch 0"
+        epochs = "epoch 0 is" if self.epoch == 0 else f"epochs 0..{self.epoch} are"
+        return f"{epochs} saved in {out}: continue with {command}"
+
+
+def _read_config(out: str) -> TrainConfig:
+    """``out/config.json`` (a regular file of at most 1 MiB: a FIFO would block the read)."""
+    settings = json.loads(run_folder.read_regular_file(os.path.join(out, run_folder.CONFIG)))
+    if not isinstance(settings, dict):
+        raise ValueError("not a JSON object of settings")
+    return TrainConfig.from_json(settings)
+
+
+def _fresh_folder(out: str) -> bool:
+    """Refuse (:class:`ConfigError`) an ``--out`` that holds anything but what a run stopped
+    before its first checkpoint leaves; ``True`` when it holds such a run's ``config.json``."""
+    if not os.path.isdir(out):
+        return False
+    names = {name for name in os.listdir(out) if not run_folder.is_temporary(name)}
+    if names - run_folder.PRE_CHECKPOINT_FILES:
+        if names & {run_folder.CHECKPOINT_LAST, run_folder.CHECKPOINT_PREV, "metrics.csv"}:
+            raise ConfigError(
+                f"--out {out!r} holds an agr-train run; pass --resume to continue it or choose a new folder"
+            )
+        raise ConfigError(f"--out {out!r} exists and is not empty; pass --resume to continue it or choose a new folder")
+    if run_folder.CONFIG not in names:
+        return False
+    try:
+        _read_config(out)
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(
+            f"--out {out!r} exists and is not empty (its config.json is not agr-train's); choose a new folder"
+        ) from None
+    return True
+
+
+def _load(cfg: TrainConfig) -> Any:
+    from .datasets import DatasetError
+
+    try:
+        data = load_data(cfg)
+    except DatasetError as error:
+        raise ConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir!r}: {error}") from None
+    if cfg.crop_padding >= data.image_size:
+        raise ConfigError(
+            f"--crop-padding must be below the image side {data.image_size} of {data.name}, got {cfg.crop_padding}"
+        )
+    return data
+
+
+def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The settings (but ``out``: a run folder may be moved) in which two configs differ."""
+    return sorted(k for k in set(a) | set(b) if k != "out" and a.get(k) != b.get(k))
+
+
+def _resume_state(cfg: TrainConfig, checkpoints: run_folder.Checkpoints) -> dict[str, Any] | None:
+    """The verified last checkpoint, or ``None`` for a run stopped before its first one; refuses
+    a folder whose files do not belong together."""
+    out = cfg.out
+    try:
+        on_disk = _read_config(out)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"--resume: cannot read {os.path.join(out, run_folder.CONFIG)!r}: {error}") from None
+    changed = _same_settings(on_disk.to_json(), cfg.to_json())
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run as its config.json says, which differs in {', '.join(changed)}; "
+            f"start a new run in another folder for other settings"
+        )
+    state = checkpoints.load(run_folder.CHECKPOINT_LAST, cfg.device)
+    path = checkpoints.path(run_folder.CHECKPOINT_LAST)
+    if state is None:
+        others = sorted(
+            name
+            for name in os.listdir(out)
+            if name not in run_folder.PRE_CHECKPOINT_FILES and not run_folder.is_temporary(name)
+        )
+        if others:
+            raise RunFolderError(f"--resume: --out {out!r} has {', '.join(others)} but no {path}; it cannot go on")
+        return None
+    if not isinstance(state.get("config"), dict):
+        raise RunFolderError(f"{path} has no copy of its settings: not a checkpoint of this agr-train")
+    epoch, rows = state.get("epoch"), state.get("metrics")
+    if not (isinstance(epoch, int) and 1 <= epoch <= cfg.epochs and isinstance(rows, list) and len(rows) == epoch):
+        raise RunFolderError(f"{path} is not a checkpoint of this run (epoch {epoch!r} of {cfg.epochs})")
+    changed = _same_settings(state["config"], cfg.to_json())
+    if changed:
+        raise RunFolderError(
+            f"{os.path.join(out, run_folder.CONFIG)} differs from the settings saved in {path} "
+            f"({', '.join(changed)}): it was changed after the run started; put it back"
+        )
+    return state
+
+
+def _restore(trainer: Trainer, state: dict[str, Any], checkpoints: run_folder.Checkpoints) -> None:
+    """Load the checkpoint, rebuild the outputs from its history, and make
+    ``checkpoint_best.pt`` the run's best again if a kill fell between the two renames."""
+    path = checkpoints.path(run_folder.CHECKPOINT_LAST)
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise RunFolderError(f"{path} does not fit its config.json: {str(error).splitlines()[0]}") from None
+    best = checkpoints.load(run_folder.CHECKPOINT_BEST, "cpu")  # verified (and code-free) before training
+    want = None if trainer.best is None else trainer.best["epoch"]
+    if want is not None and (best is None or best.get("epoch") != want):
+        rewritten = _best_checkpoint(trainer, state)
+        if rewritten is not None:  # the best epoch is the last one: its weights are in state
+            checkpoints.save(None, trainer.epoch - 1, rewritten)
 
 
 def train(
@@ -913,73 +1161,126 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) the training in ``cfg.out``; returns the summary (also in ``summary.json``).
 
-    The data are loaded, and every check is done, before anything is written. ``on_epoch`` is
-    called after each epoch's files are written.
-    """
-    out = cfg.out
-    problem = unwritable(out)
-    if problem:
-        raise ConfigError(f"cannot write to --out {out!r}: {problem}")
-    checkpoint = os.path.join(out, "checkpoint_last.pt")
-    state = None
-    if resume:
-        if not os.path.isfile(checkpoint):
-            raise ConfigError(f"--resume: no checkpoint_last.pt in --out {out!r}; start the run without --resume")
-        state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
-    elif os.path.isdir(out) and os.listdir(out):
-        raise ConfigError(f"--out {out!r} exists and is not empty; pass --resume to continue it or choose a new folder")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    from .datasets import DatasetError
+    Every check is done, and the data are loaded, before anything is written; the folder is
+    locked for the whole run (:func:`~agr_optim.training.run_folder.lock_folder`). ``on_epoch``
+    is called after each epoch's files are written. A resumed run rebuilds ``metrics.csv``,
+    ``summary.json`` and ``curves.png`` from its checkpoint; a run stopped before its first
+    checkpoint resumes from epoch 0, or starts over.
 
+    Raises :class:`ConfigError` or :class:`~agr_optim.training.run_folder.RunFolderError`
+    (refused: nothing written), :class:`RunStopped` (diverged, or a file could not be written:
+    the folder resumes) and :class:`Interrupted` (Ctrl-C).
+    """
+    problem = unwritable(cfg.out)
+    if problem:
+        raise ConfigError(f"cannot write to --out {cfg.out!r}: {problem}")
+    run_folder.arm_fault_hook()
+    saved = _Saved(cfg.out)
     try:
-        data = load_data(cfg)
-    except DatasetError as error:
-        raise ConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir!r}: {error}") from None
-    trainer = Trainer(cfg, data)
-    if state is not None:
-        trainer.load_state_dict(state)
-        log(f"agr-train: resuming {out} after epoch {trainer.epoch - 1} (0-based) of {cfg.epochs}")
-    else:
-        _print_config(cfg, sources or {}, log)
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "config.json"), cfg.to_json())
-    agr_text = f"from epoch {cfg.agr_start_epoch} (0-based)" if cfg.agr else "off"
-    log(
-        f"agr-train: {data.name}: {data.y_train.shape[0]} train / {data.y_test.shape[0]} test images, "
-        f"{data.num_classes} classes; AGR {agr_text}"
-    )
-    while trainer.epoch < cfg.epochs:
-        progress, bar = _progress_bar(cfg, trainer.epoch)
-        try:
-            row = trainer.train_epoch(progress)
-        finally:
-            if bar is not None:
-                bar.close()
-        _save_epoch(trainer, out)
-        log(_screen_line(cfg, row))
-        if on_epoch is not None:
-            on_epoch(trainer, row)
-    autoattack = None
-    if cfg.autoattack_samples > 0:
-        best_path = os.path.join(out, "checkpoint_best.pt")
-        best = torch.load(best_path, map_location=cfg.device, weights_only=False) if os.path.isfile(best_path) else None
-        autoattack = _autoattack(trainer, best)
+        return _run(cfg, resume, sources or {}, on_epoch, log, saved)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {saved.where()}") from None
+    except WriteError as error:
+        raise RunStopped(f"{error} (the files written before are intact); {saved.where()}", EXIT_WRITE_FAILED) from None
+
+
+def _run(
+    cfg: TrainConfig,
+    resume: bool,
+    sources: dict[str, str],
+    on_epoch: Callable[[Trainer, dict[str, Any]], None] | None,
+    log: Callable[[str], None],
+    saved: _Saved,
+) -> dict[str, Any]:
+    out = cfg.out
+    checkpoints = run_folder.Checkpoints(out)
+    with contextlib.ExitStack() as held:
+        if resume:
+            if not os.path.isdir(out):
+                raise ConfigError(f"--resume: --out {out!r} does not exist; start the run without --resume")
+            note = held.enter_context(run_folder.lock_folder(out))
+            state = _resume_state(cfg, checkpoints)
+            saved.started, saved.epoch = True, None if state is None else int(state["epoch"]) - 1
+            run_folder.remove_stray_temporaries(out)
+            data = _load(cfg)
+        else:
+            _fresh_folder(out)
+            data = _load(cfg)
+            os.makedirs(out, exist_ok=True)
+            note = held.enter_context(run_folder.lock_folder(out))
+            started_over = _fresh_folder(out)  # again, holding the lock
+            run_folder.remove_stray_temporaries(out)
+            state = None
+        if note:
+            log(f"agr-train: {note}")
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        trainer = Trainer(cfg, data)
+        if state is not None:
+            _restore(trainer, state, checkpoints)
+            log(f"agr-train: resuming {out} after epoch {trainer.epoch - 1} (0-based) of {cfg.epochs}")
+            _write_outputs(trainer, curves=False)  # a kill may have left them behind the checkpoint
+        elif resume:
+            log(f"agr-train: {out} has no checkpoint yet: starting its run from epoch 0, as its config.json says")
+        else:
+            _print_config(cfg, sources, log)
+            if started_over:
+                log(f"agr-train: {out} held a run stopped before its first checkpoint: starting over")
+            write_json(os.path.join(out, run_folder.CONFIG), cfg.to_json())
+            saved.started = True
+        agr_text = f"from epoch {cfg.agr_start_epoch} (0-based)" if cfg.agr else "off"
         log(
-            f"agr-train: AutoAttack on {autoattack['samples']} test images ({autoattack['checkpoint']}): "
-            f"{100 * autoattack['robust_acc']:.2f} %"
+            f"agr-train: {data.name}: {data.y_train.shape[0]} train / {data.y_test.shape[0]} test images, "
+            f"{data.num_classes} classes; AGR {agr_text}"
         )
-    summary = _summary(trainer, autoattack)
-    write_json(os.path.join(out, "summary.json"), summary)
-    if not _plot_curves(cfg, trainer.metrics, os.path.join(out, "curves.png")):
-        log("agr-train: matplotlib is not installed: no curves.png (pip install matplotlib)")
-    return summary
+        while trainer.epoch < cfg.epochs:
+            progress, bar = _progress(trainer.epoch)
+            try:
+                row = trainer.train_epoch(progress)
+            except Diverged as error:
+                raise _diverged(error, trainer, saved) from None
+            finally:
+                if bar is not None:
+                    bar.close()
+            _save_epoch(trainer, checkpoints, saved)
+            log(_screen_line(cfg, row))
+            if on_epoch is not None:
+                on_epoch(trainer, row)
+        autoattack = None
+        if cfg.autoattack_samples > 0:
+            best = checkpoints.load(run_folder.CHECKPOINT_BEST, cfg.device)
+            autoattack = _autoattack(trainer, best)
+            log(
+                f"agr-train: AutoAttack on {autoattack['samples']} test images ({autoattack['checkpoint']}): "
+                f"{100 * autoattack['robust_acc']:.2f} %"
+            )
+        if not _write_outputs(trainer, autoattack):
+            log("agr-train: matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return _summary(trainer, autoattack)
+
+
+def _diverged(error: Diverged, trainer: Trainer, saved: _Saved) -> RunStopped:
+    """The one-line stop of a diverged run; ``summary.json`` says where (only finite numbers)."""
+    if saved.epoch is None:
+        kept = "no checkpoint was written"
+    else:
+        summary = _summary(trainer, None)
+        summary["diverged"] = {"what": error.what, "epoch": error.epoch, "step": error.step}
+        write_json(os.path.join(trainer.cfg.out, "summary.json"), summary)
+        kept = (
+            f"{run_folder.CHECKPOINT_LAST} keeps epoch {saved.epoch}, the last good one (resuming repeats "
+            f"the divergence)"
+        )
+    return RunStopped(
+        f"diverged: {error}; {kept}. Lower --lr ({trainer.cfg.lr:g} now) and start a new run", EXIT_DIVERGED
+    )
 
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``agr-train`` command. Bad flags or folders: a one-line error, exit 2, nothing written.
-    Ctrl-C: exit 130, the run resumable with ``--resume``."""
+    """The ``agr-train`` command. Exit status 0 when done; 2 for a refused flag or folder (one
+    line, nothing written); 3 when the training diverged; 4 when a file could not be written (a
+    full disk); 130 on Ctrl-C. After 3, 4 and 130 the folder resumes with ``--resume``."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume", False)
@@ -993,28 +1294,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if "out" not in args:
                 parser.error("--resume needs --out, the folder of the run to continue")
-            path = os.path.join(args["out"], "config.json")
+            path = os.path.join(args["out"], run_folder.CONFIG)
             try:
-                with open(path) as f:
-                    cfg = TrainConfig.from_json(json.load(f))
-                cfg = replace(cfg, out=args["out"])
+                cfg = replace(_read_config(args["out"]), out=args["out"])
                 _validate(cfg)
+            except FileNotFoundError:
+                parser.error(f"--resume: no {path!r}: the run never started; start it without --resume")
             except (OSError, ValueError, TypeError) as error:
                 parser.error(f"--resume: cannot read {path!r}: {error}")
             sources: dict[str, str] = {}
         else:
             cfg, sources = resolve(args)
         summary = train(cfg, resume=resume, sources=sources, log=lambda s: print(s, flush=True))
-    except ConfigError as error:
+    except (ConfigError, RunFolderError) as error:
         parser.error(str(error))
-    except KeyboardInterrupt:
-        out = args.get("out", "")
-        print(
-            f"\nagr-train: interrupted; the last finished epoch is saved in {out}: continue with "
-            f"agr-train --out {out} --resume",
-            file=sys.stderr,
-        )
-        return 130
+    except RunStopped as stop:
+        print(f"agr-train: error: {stop}", file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt as stop:
+        text = str(stop) if isinstance(stop, Interrupted) else "interrupted before the run started"
+        print(f"\nagr-train: {text}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         torch.set_num_threads(threads)
     best = summary["best"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _train_cli import run
 
 from agr_optim import AGROptimizer
 from agr_optim import train as train_mod
@@ -88,16 +89,6 @@ def cli(*switches: str, **flags: object) -> list:
     for key, value in flags.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv + CHEAP
-
-
-def run(argv, capsys):
-    """main(argv) -> (exit code, stdout, stderr)."""
-    try:
-        code = train_mod.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_metrics(out: Path) -> list[dict[str, str]]:
@@ -180,7 +171,10 @@ def test_end_to_end_cifar10_outputs_and_columns(cifar10, tmp_path, capsys):
         "summary.json",
         "curves.png",
         "checkpoint_last.pt",
+        "checkpoint_prev.pt",  # the epoch before the last: a fallback (issue 14)
         "checkpoint_best.pt",
+        "checksums.json",  # the checkpoints' SHA-256 (issue 14)
+        "run.lock",  # who runs in the folder (issue 14)
     }
     umask = os.umask(0)
     os.umask(umask)
@@ -211,7 +205,7 @@ def test_end_to_end_cifar10_outputs_and_columns(cifar10, tmp_path, capsys):
     assert summary["best"]["test_robust_acc"] == pytest.approx(float(best["test_robust_acc"]))
     assert summary["final"]["epoch"] == 1
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = torch.load(out / "checkpoint_best.pt", weights_only=False)
+    saved = torch.load(out / "checkpoint_best.pt", weights_only=True)
     assert saved["epoch"] == summary["best"]["epoch"]
 
 
@@ -292,8 +286,8 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(method, cifar
     assert len(read_metrics(tmp_path / "cut")) == 1
     code, stdout, _ = run(["--out", tmp_path / "cut", "--resume"], capsys)
     assert code == 0 and "resuming" in stdout
-    whole = torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=False)
-    cut = torch.load(tmp_path / "cut" / "checkpoint_last.pt", weights_only=False)
+    whole = torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint_last.pt", weights_only=True)
     assert whole["epoch"] == cut["epoch"] == 2
     assert any("agr" in group for group in whole["optimizer"]["param_groups"])  # the AGR state is in it
     _assert_same(_comparable(whole), _comparable(cut))
@@ -304,15 +298,31 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(method, cifar
 
 
 def test_keyboard_interrupt_exits_130_with_a_resume_hint(cifar10, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the first epoch (issue 14, problem 4: the folder then held config.json only, and
+    both --resume and a fresh start were refused): the message claims no saved epoch, --resume
+    starts the run from epoch 0, and a fresh start in that folder is allowed too; both equal the
+    uninterrupted run."""
+    flags = ["--dataset", "cifar10", "--data-dir", cifar10, *CHEAP, "--epochs", "1"]
+    assert run([*flags, "--out", tmp_path / "whole"], capsys)[0] == 0
+    train_epoch = Trainer.train_epoch
+
     def stop(self, progress=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "train_epoch", stop)
-    code, _, stderr = run(["--dataset", "cifar10", "--data-dir", cifar10, *CHEAP, "--out", tmp_path / "o"], capsys)
-    assert code == 130 and "--resume" in stderr
-    assert (tmp_path / "o" / "config.json").is_file()  # the run exists, no epoch finished
-    code, _, stderr = run(["--out", tmp_path / "o", "--resume"], capsys)
-    assert code == 2 and "checkpoint_last.pt" in stderr  # nothing to resume yet: said so
+    for out in ("resumed", "restarted"):
+        code, _, stderr = run([*flags, "--out", tmp_path / out], capsys)
+        assert code == 130 and "--resume" in stderr and "starts the run from epoch 0" in stderr, stderr
+        assert "are saved" not in stderr and "last finished epoch" not in stderr
+        assert sorted(os.listdir(tmp_path / out)) == ["config.json", "run.lock"]  # the run exists, no epoch
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    code, stdout, _ = run(["--out", tmp_path / "resumed", "--resume"], capsys)
+    assert code == 0 and "no checkpoint yet" in stdout
+    code, stdout, _ = run([*flags, "--out", tmp_path / "restarted"], capsys)
+    assert code == 0 and "starting over" in stdout
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    whole = strip(read_metrics(tmp_path / "whole"))
+    assert strip(read_metrics(tmp_path / "resumed")) == whole == strip(read_metrics(tmp_path / "restarted"))
 
 
 # ---------------------------------------------------------------------- the shared warm start
@@ -359,7 +369,7 @@ def test_warm_start_stats_log_without_changing_the_run(cifar10, tmp_path, capsys
     plain, logged = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "logged")
     assert plain[0]["agr_cosine"] == "" and logged[0]["agr_cosine"] != "" and logged[0]["agr_active"] == "0"
     assert plain[1]["agr_cosine"] == logged[1]["agr_cosine"]
-    a, b = (torch.load(tmp_path / d / "checkpoint_last.pt", weights_only=False) for d in ("plain", "logged"))
+    a, b = (torch.load(tmp_path / d / "checkpoint_last.pt", weights_only=True) for d in ("plain", "logged"))
     for key in ("model", "optimizer", "scheduler", "rng"):
         _assert_same(a[key], b[key], key)
 
@@ -421,6 +431,16 @@ def test_epoch_statistics_are_the_authors_means(tmp_path):
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
         (["--dataset", "digits", "--data-dir", "/tmp"], "data_dir must be None"),
         (["--preset", "slow"], "--preset"),
+        # issue 14, problem 11: these passed the checks, then crashed after the run started
+        (["--seed", "18446744073709551615"], "--seed"),
+        (["--threads", "1000000000000"], "--threads"),
+        (["--crop-padding", "1000000"], "--crop-padding"),
+        (["--crop-padding", "8"], "--crop-padding"),  # digits are 8x8: every crop would be padding
+        (["--dataset", "cifar10", "--data-dir", "/tmp", "--image-size", "16", "--crop-padding", "16"], "padding"),
+        (["--image-size", "1000000"], "--image-size"),
+        (["--device", "meta"], "--device"),
+        (["--device", "xpu"], "--device"),
+        (["--device", "cuda:99"], "--device"),
     ],
 )
 def test_bad_flags_one_line_exit_2_nothing_written(args, needle, tmp_path, capsys):
@@ -429,6 +449,17 @@ def test_bad_flags_one_line_exit_2_nothing_written(args, needle, tmp_path, capsy
     assert code == 2 and stdout == ""
     assert stderr.count("\n") == 1 and needle in stderr and "error" in stderr
     assert not out.exists()
+
+
+def test_empty_out_and_a_padding_the_data_cannot_take_are_refused(tmp_path, capsys, monkeypatch):
+    """Issue 14, problem 11: ``--out ''`` crashed after loading the data; a crop padding is
+    checked against the loaded images too (an .npz has no fixed side), before anything is written."""
+    code, stdout, stderr = run(["--out", ""], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "--out must be a folder path" in stderr
+    monkeypatch.setattr(train_mod, "NATIVE_SIDES", {})  # as for a dataset of unknown side
+    code, stdout, stderr = run(["--crop-padding", "8", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "below the image side 8" in stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_folders_are_refused_with_nothing_written(cifar10, tmp_path, capsys):
@@ -461,6 +492,26 @@ def test_bad_folders_are_refused_with_nothing_written(cifar10, tmp_path, capsys)
         code, stdout, stderr = run(argv, capsys)
         assert code == 2 and stdout == "" and needle in stderr and stderr.count("\n") == 1, (argv, stderr)
         assert tree(tmp_path) == before
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """Issue 14: an epoch of silence read as a hang. Off a terminal a plain line is printed at
+    every read of the running figures (every PROGRESS_SECONDS; here 0: after every step)."""
+    import re
+
+    monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", 0.0)
+    code, _, stderr = run(["--epochs", "1", "--batch-size", "256", "--attack-steps", "1", "--out", tmp_path], capsys)
+    assert code == 0
+    lines = stderr.splitlines()
+    pattern = r"agr-train: epoch 0: batch (\d+)/6, loss \d+\.\d{4}, train-rob \d+\.\d\d %, \d+ s"
+    assert [int(re.fullmatch(pattern, line)[1]) for line in lines] == [1, 2, 3, 4, 5, 6]  # 1347 images
+
+
+def test_one_thread_by_default_and_saved(tmp_path):
+    """Issue 14: the default thread count oversubscribed a busy machine (docs/agr_train.rst has the
+    measurements); on CPU the results depend on it, so config.json records it."""
+    cfg, sources = resolve({"out": str(tmp_path)})
+    assert cfg.threads == 1 and sources["threads"] == "default" and cfg.to_json()["threads"] == 1
 
 
 def test_module_entry_point():
