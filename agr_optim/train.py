@@ -1194,6 +1194,8 @@ def _run(
 ) -> dict[str, Any]:
     out = cfg.out
     checkpoints = run_folder.Checkpoints(out)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     with contextlib.ExitStack() as held:
         if resume:
             if not os.path.isdir(out):
@@ -1213,8 +1215,6 @@ def _run(
             state = None
         if note:
             log(f"agr-train: {note}")
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         trainer = Trainer(cfg, data)
         if state is not None:
             _restore(trainer, state, checkpoints)

@@ -286,11 +286,13 @@ def test_resume_rebuilds_the_outputs_from_the_checkpoint(reference, tmp_path, ca
     for name in strays:
         (out / name).write_bytes(b"half written")
     (out / ".notes.txt.1.00000000.tmp").write_text("not the run's: kept")
+    (out / ".summary.json.1.00000000.tmp").mkdir()  # a folder, not a file the run wrote: kept
     code, _, _ = run(["--out", out, "--resume"], capsys)
     assert code == 0
     assert metrics(out) == metrics(reference) and summary(out) == summary(reference)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not any((out / name).exists() for name in strays) and (out / ".notes.txt.1.00000000.tmp").exists()
+    assert not any((out / name).exists() for name in strays)
+    assert (out / ".notes.txt.1.00000000.tmp").exists() and (out / ".summary.json.1.00000000.tmp").is_dir()
 
 
 # ---------------------------------------------------------------------- 6. divergence
@@ -366,18 +368,23 @@ def test_divergence_keeps_the_last_good_checkpoint(reference, tmp_path, capsys, 
 def test_divergence_is_read_without_a_host_read_per_step(monkeypatch, tmp_path):
     """The non-finite loss is recorded on the device and read with the progress figures (every
     PROGRESS_SECONDS, and once after the epoch's last step): the reads do not grow with the steps."""
-    cfg, _ = train_mod.resolve({"out": str(tmp_path), "epochs": 2, "attack_steps": 1, "batch_size": 32})
+    cfg, _ = train_mod.resolve({"out": str(tmp_path), "epochs": 10, "attack_steps": 1, "batch_size": 64})
     trainer = train_mod.Trainer(cfg, train_mod.load_data(cfg))
     reads = []
     read = train_mod._EpochSums.read
     monkeypatch.setattr(train_mod._EpochSums, "read", lambda self: reads.append(1) or read(self))
-    monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", math.inf)
-    trainer.train_epoch()
-    assert len(reads) == 2  # after the last of 43 steps, and the epoch's means
-    reads.clear()
-    monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", 0.0)
-    trainer.train_epoch()
-    assert len(reads) == 43 + 2  # a read after every step when asked for
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", math.inf)
+        trainer.train_epoch()
+        assert len(reads) == 2  # after the last of 22 steps, and the epoch's means
+        reads.clear()
+        monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", 0.0)
+        trainer.train_epoch()
+        assert len(reads) == 22 + 2  # a read after every step when asked for
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------- 7. full disk, and the sweep
@@ -492,3 +499,22 @@ def test_killed_at_every_file_operation(reference, tmp_path, capsys):
     assert_same_run(tmp_path / f"kill{len(outcomes)}", reference)
     for n, _ in outcomes[:-1]:
         _stopped_run_resumes(tmp_path / f"kill{n}", reference, capsys)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_divergence_flag_never_synchronises():
+    """On CUDA the per-step bookkeeping (sums and the first non-finite step) makes no host
+    synchronisation (sync debug mode raises on one); the flag is then read once, with the step."""
+    sums = train_mod._EpochSums(torch.device("cuda"))
+    logits = torch.randn(8, 10, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, 2.0, math.nan, math.inf, 3.0)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, loss in enumerate(losses):
+            sums.add_batch(loss, logits, y, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sums.read()[2] == 2

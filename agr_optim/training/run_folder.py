@@ -169,10 +169,12 @@ def remove_stray_temporaries(folder: str) -> list[str]:
     other run is writing there then); returns their names."""
     removed = []
     for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
         if is_temporary(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
-                removed.append(name)
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: left alone
+                if stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISLNK(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed.append(name)
     return removed
 
 
@@ -235,7 +237,7 @@ def _write_temporary(path: str, fill: Callable[[str], object]) -> str:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         fill(tmp)
         _fault_point(path)
-        _fsync(tmp)
+        _fsync(tmp, os.O_RDWR)  # (Windows flushes only a file open for writing)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
