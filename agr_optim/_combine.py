@@ -1,10 +1,10 @@
-r"""The combine: ``r_i = k_a a_i + k_c c_i`` for every tensor, in place or into new tensors.
+r"""The host schedule's combine: ``r_i = k_a a_i + k_c c_i`` for every tensor, in place or into new tensors.
 
-Every schedule ends here. Float32/float64 gradients are combined by two multi-tensor ops per
-cache-sized chunk (:func:`combine`); bf16/fp16 ones in float32, rounded once. Segments whose
-sums had to be rescued (:mod:`._gramian`) are combined by :func:`combine_exact`, in float64 with
-the clean gradient taken as :math:`\hat c = c / s_c`: their :math:`k_c` may lie outside the
-gradients' range although :math:`k_c c` does not.
+Float32/float64 gradients are combined by two multi-tensor ops per cache-sized chunk
+(:func:`combine`); bf16/fp16 ones in float32, rounded once. Segments whose sums had to be rescued
+(:mod:`._gramian`) are combined by :func:`combine_exact`, in float64 with the clean gradient taken
+as :math:`\hat c = c / s_c`: their :math:`k_c` may lie outside the gradients' range although
+:math:`k_c c` does not. (The accelerator schedule combines its flat rows itself, :mod:`._device`.)
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ from ._gramian import LOW_PRECISION
 def combine(
     adversarial: Sequence[Tensor],
     clean: Sequence[Tensor | None],
-    k_a: Tensor | list[float],
-    k_c: Tensor | list[float],
+    k_a: list[float],
+    k_c: list[float],
     out: Sequence[Tensor] | None,
 ) -> list[Tensor]:
-    """``out_i = k_a[i] a_i + k_c[i] c_i``; ``out`` may be ``adversarial`` itself (in place).
-
-    ``k_a`` and ``k_c``: ``[T]`` tensors (device path) or lists of Python floats (CPU path).
-    """
+    """``out_i = k_a[i] a_i + k_c[i] c_i``; ``out`` may be ``adversarial`` itself (in place)."""
     n = len(adversarial)
     if out is None:
         # New outputs (the functional API); empty_like keeps each gradient's strides, so the
@@ -37,15 +34,12 @@ def combine(
         targets = list(out)
     fast = [i for i in range(n) if adversarial[i].dtype not in LOW_PRECISION]
     if fast:
-        # Coefficients in the gradients' dtype: a float64 0-dim tensor would not change the
-        # result dtype, but per-tensor casts inside the foreach kernels cost more.
+        # Coefficients in the gradients' dtype (per-tensor casts inside the foreach kernels
+        # would cost more): one tensor for both lists, rounded once from the floats.
         ka_by_dtype, kc_by_dtype = {}, {}
         for d in {adversarial[i].dtype for i in fast}:
-            if isinstance(k_a, Tensor):
-                ka_by_dtype[d], kc_by_dtype[d] = k_a.to(d).unbind(), k_c.to(d).unbind()  # type: ignore[union-attr]
-            else:  # one tensor for both lists, rounded once from the floats
-                both = torch.tensor(k_a + k_c, dtype=d).unbind()  # type: ignore[operator]
-                ka_by_dtype[d], kc_by_dtype[d] = both[:n], both[n:]
+            both = torch.tensor(k_a + k_c, dtype=d).unbind()
+            ka_by_dtype[d], kc_by_dtype[d] = both[:n], both[n:]
         _combine_chunked(
             [(targets[i], adversarial[i], clean[i], ka_by_dtype[adversarial[i].dtype][i],
               kc_by_dtype[adversarial[i].dtype][i]) for i in fast]
@@ -53,10 +47,7 @@ def combine(
     for i in range(n):
         if adversarial[i].dtype in LOW_PRECISION:
             # One rounding to bf16/fp16: combine in float32, round once at the end.
-            # float32 coefficients (one rounding from the float64 ones, or the floats); a device
-            # tensor is not taken through float64, which MPS does not have.
-            ka, kc = (k[i].float() if isinstance(k, Tensor) else torch.tensor(k[i], dtype=torch.float32)
-                      for k in (k_a, k_c))
+            ka, kc = (torch.tensor(k[i], dtype=torch.float32) for k in (k_a, k_c))
             r = adversarial[i].float() * ka
             c = clean[i]
             if c is not None:
@@ -75,12 +66,15 @@ def _combine_chunked(items: list[tuple[Tensor, Tensor, Tensor | None, Tensor, Te
     """``r = k_a a + k_c c`` for ``(r, a, c, k_a, k_c)`` items, chunk by cache-sized chunk.
 
     Gradients are cut into pieces of at most ``_CHUNK`` elements (views, no copies) and
-    every group of about ``_CHUNK`` elements gets ``copy_`` (only when ``r`` is not ``a``),
+    every group of about ``_CHUNK`` elements gets ``copy_`` (only when ``r`` is not ``a``: in
+    place, nothing is copied onto itself),
     ``mul_`` and ``addcmul_`` in a row, so the later passes read from the cache. The items
     are walked last first: the reduction pass just left the last gradients in the cache.
     """
     r_chunk: list[Tensor] = []
     a_chunk: list[Tensor] = []
+    copy_chunk: list[bool] = []  # whether r is another tensor than a (decided before cutting:
+    # the pieces of one tensor are distinct view objects even when r is a)
     ka_chunk: list[Tensor] = []
     rc_chunk: list[Tensor] = []
     c_chunk: list[Tensor] = []
@@ -88,16 +82,17 @@ def _combine_chunked(items: list[tuple[Tensor, Tensor, Tensor | None, Tensor, Te
     size = 0
 
     def flush() -> None:
-        copies = [(r, a) for r, a in zip(r_chunk, a_chunk, strict=True) if r is not a]
+        copies = [(r, a) for r, a, needed in zip(r_chunk, a_chunk, copy_chunk, strict=True) if needed]
         if copies:
             torch._foreach_copy_([r for r, _ in copies], [a for _, a in copies])
         torch._foreach_mul_(r_chunk, ka_chunk)
         if rc_chunk:
             torch._foreach_addcmul_(rc_chunk, c_chunk, kc_chunk)
-        for chunk in (r_chunk, a_chunk, ka_chunk, rc_chunk, c_chunk, kc_chunk):
+        for chunk in (r_chunk, a_chunk, copy_chunk, ka_chunk, rc_chunk, c_chunk, kc_chunk):
             chunk.clear()
 
     for r, a, c, ka, kc in reversed(items):
+        needs_copy = r is not a
         pieces: list[tuple[Tensor, Tensor, Tensor | None]]
         layout = _dense_layout(r, a, c) if r.numel() > _CHUNK else None
         if layout is not None:
@@ -111,6 +106,7 @@ def _combine_chunked(items: list[tuple[Tensor, Tensor, Tensor | None, Tensor, Te
         for r_piece, a_piece, c_piece in pieces:
             r_chunk.append(r_piece)
             a_chunk.append(a_piece)
+            copy_chunk.append(needs_copy)
             ka_chunk.append(ka)
             if c_piece is not None:
                 rc_chunk.append(r_piece)

@@ -1,13 +1,12 @@
-"""``fused="compile"`` (opt-in): the device schedule written for ``torch.compile``.
+"""``fused="compile"`` (opt-in): the accelerator schedule on the same flat rows, through ``torch.compile``.
 
-The sums as ``(a * c).sum()`` and friends, which inductor fuses into one loop per tensor reading
-``a`` and ``c`` once, the coefficients by the device schedule's own
-:func:`~agr_optim._fused.device_coefficients`, and the combine as one expression per tensor (one
-loop: read ``a`` and ``c``, write ``r``). Compiled on first use (tens of seconds on CPU) and again
-for new shapes, dtypes or ``clip_norm`` values (the floats are specialised; past torch's recompile
-limit it falls back to eager). Like the eager device schedule it never reads a value back: out-of-range
-segments keep only their adversarial gradient (``stats.out_of_range``), ill-conditioned
-projections are clipped by a safe bound.
+The chunk sums as ``(a * a).sum(1)`` and friends (inductor reads each row once for all three),
+the segment sums and the rule (:func:`~agr_optim._geometry.packed_rule`, fused into a few small
+kernels) and the combine as one expression (one pass: read ``a`` and ``c``, write ``r``).
+Compiled on first use (tens of seconds on CPU) and again for a new layout (shapes, dtypes) or a
+new ``clip_norm`` (the floats are specialised; past torch's recompile limit it falls back to
+eager). Like the eager schedule (:mod:`._device`) it never reads a value back: out-of-range
+segments keep their clipped adversarial gradient (``stats.out_of_range``).
 """
 
 from __future__ import annotations
@@ -17,46 +16,66 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._fused import budget, device_coefficients, reconstruct_device
-from ._geometry import narrowest_accumulation_dtype, stats_of
-from ._gramian import LOW_PRECISION, range_floor
-from ._stats import NO_OUTPUT, ReconstructionStats
+from ._device import on_rows, rule_settings
+from ._flat import Layout
+from ._geometry import coefficient_dtype, packed_rule
+from ._stats import ReconstructionStats
 
 
-def _fused_compilable(
+def _rows_compilable(
     adversarial: list[Tensor],
-    clean: list[Tensor | None],
-    ids: Tensor | None,
+    clean: list[Tensor],
+    shapes: list[tuple[int, int]],
+    gathers: list[Tensor],
+    widths: list[int],
+    chunk_segments: list[Tensor],
     num_segments: int,
+    acc: torch.dtype,
     clip_norm: float | None,
-    rounding: float,
-    error: float,
     floor: float,
-    inplace: bool,
-) -> tuple[list[Tensor], ReconstructionStats]:
-    sums = []
-    for a, c in zip(adversarial, clean, strict=True):
-        a = a.float() if a.dtype in LOW_PRECISION else a
-        if c is None:
-            sums.append(torch.stack([(a * a).sum(), torch.zeros_like(a.sum()), torch.zeros_like(a.sum())]))
-        else:
-            c = c.float() if c.dtype in LOW_PRECISION else c
-            sums.append(torch.stack([(a * a).sum(), (a * c).sum(), (c * c).sum()]))
-    r, suspect = device_coefficients(torch.stack(sums), ids, num_segments, clip_norm=clip_norm, rounding=rounding,
-                                     error=error, floor=floor)
-    k_a = r.adversarial if ids is None else r.adversarial[ids]
-    k_c = r.clean if ids is None else r.clean[ids]
-    results = []
-    for i, (a, c) in enumerate(zip(adversarial, clean, strict=True)):
-        work = torch.float32 if a.dtype in LOW_PRECISION else a.dtype
-        out = a.to(work) * k_a[i].to(work)
-        if c is not None:
-            out = out + c.to(work) * k_c[i].to(work)
-        results.append(a.copy_(out) if inplace else out.to(a.dtype))
-    return results, stats_of(r, suspect)
+    doubt: float,
+) -> ReconstructionStats:
+    gram = None
+    for a_row, c_row, shape, gather, width in zip(adversarial, clean, shapes, gathers, widths, strict=True):
+        a, c = a_row.view(shape).to(acc), c_row.view(shape).to(acc)
+        dot = (a * c).sum(1)  # the last chunk is padding: its sums pad the gather
+        chunks = torch.stack([(a * a).sum(1), dot, dot, (c * c).sum(1)], 1)
+        part = chunks.index_select(0, gather).view(num_segments, width, 4).sum(1)
+        gram = part if gram is None else gram + part.to(gram.device)
+    assert gram is not None
+    k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
+    for a_row, c_row, shape, chunk_segment in zip(adversarial, clean, shapes, chunk_segments, strict=True):
+        per_chunk = k.to(a_row.device).index_select(0, chunk_segment)
+        a, c = a_row.view(shape), c_row.view(shape)
+        a.copy_(a.to(acc) * per_chunk[:, :1] + c.to(acc) * per_chunk[:, 1:])  # one pass, rounded once
+    return stats
 
 
 _compiled_kernel: object = None
+
+
+def reconstruct_rows_compiled(
+    layout: Layout,
+    adversarial: Sequence[Tensor],
+    clean: Sequence[Tensor],
+    *,
+    segment_ids: Sequence[int],
+    num_segments: int,
+    clip_norm: float | None,
+) -> ReconstructionStats:
+    """:func:`~agr_optim._device.reconstruct_rows` through ``torch.compile`` (compiled once per
+    process, recompiled per layout)."""
+    global _compiled_kernel
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(_rows_compilable, dynamic=False)
+    ids = tuple(segment_ids)
+    maps = [b.segment_maps(ids, num_segments) for b in layout.buckets]
+    floor, doubt = rule_settings([b.dtype for b in layout.buckets])
+    return _compiled_kernel(  # type: ignore[operator, no-any-return]
+        list(adversarial), list(clean), [(b.num_chunks + 1, b.chunk) for b in layout.buckets],
+        [m.gather for m in maps], [m.width for m in maps], [m.chunk_segment for m in maps], num_segments,
+        coefficient_dtype(layout.buckets[0].device), clip_norm, floor, doubt,
+    )
 
 
 def reconstruct_compiled(
@@ -68,24 +87,7 @@ def reconstruct_compiled(
     clip_norm: float | None,
     out: Sequence[Tensor] | None,
 ) -> tuple[list[Tensor], ReconstructionStats]:
-    """:func:`_fused_compilable` through ``torch.compile`` (the kernel is compiled once per process)."""
-    global _compiled_kernel
-    if out is NO_OUTPUT:  # statistics only: the same coefficients, eagerly, no kernel to compile
-        return reconstruct_device(adversarial, clean, segment_ids=segment_ids, num_segments=num_segments,
-                                  clip_norm=clip_norm, out=out)
-    if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_fused_compilable, dynamic=False)
-    device = adversarial[0].device
-    per_tensor = list(segment_ids) == list(range(num_segments))
-    ids = None if per_tensor else torch.tensor(list(segment_ids), device=device)
-    rounding, error = budget(adversarial, segment_ids, num_segments)
-    floor = range_floor(narrowest_accumulation_dtype(a.dtype for a in adversarial))
-    inplace = out is not None and all(o is a for o, a in zip(out, adversarial, strict=True))
-    results, stats = _compiled_kernel(  # type: ignore[operator]
-        list(adversarial), list(clean), ids, num_segments, clip_norm, rounding, error, floor, inplace
-    )
-    if out is not None and not inplace:
-        for target, r in zip(out, results, strict=True):
-            target.copy_(r)
-        results = list(out)
-    return results, stats
+    """The functional form (:func:`~agr_optim._device.on_rows`); statistics alone are computed
+    eagerly (no kernel to compile)."""
+    return on_rows(reconstruct_rows_compiled, adversarial, clean, segment_ids=segment_ids,
+                   num_segments=num_segments, clip_norm=clip_norm, out=out)

@@ -103,7 +103,8 @@ def reconstruct_dtensor(
     """The fused schedules on the local shards, with sums made global over the mesh."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from ._fused import reconstruct_device, reconstruct_host
+    from ._device import reconstruct_device_tensors
+    from ._fused import reconstruct_host
 
     mesh = adversarial[0].device_mesh  # type: ignore[attr-defined]
     local_a = [a.to_local() for a in adversarial]  # type: ignore[attr-defined]
@@ -113,7 +114,7 @@ def reconstruct_dtensor(
     placements = [a.placements for a in adversarial]  # type: ignore[attr-defined]
     dims = [d for d in range(mesh.ndim) if any(isinstance(p[d], Shard) for p in placements)]
     weights = [1.0 / math.prod(mesh.size(d) for d in dims if isinstance(p[d], Replicate)) for p in placements]
-    schedule = reconstruct_host if host_reads else reconstruct_device
+    schedule = reconstruct_host if host_reads else reconstruct_device_tensors
     local_out = out if out is None or out is NO_OUTPUT else [local_tensor(t) for t in out]
     results, stats = schedule(
         local_a, local_c, segment_ids=segment_ids, num_segments=num_segments, clip_norm=clip_norm, out=local_out,

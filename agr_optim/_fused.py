@@ -1,22 +1,14 @@
-"""The fused path (``fused=True``): per-segment sums, the rule on them, one combine; two schedules.
+"""The CPU schedule of the fused path (``fused=True`` on eager CPU): :func:`reconstruct_host`.
 
-Both schedules take their sums from :mod:`._gramian`, their coefficients from
-:func:`~agr_optim._geometry.rule` and write through :mod:`._combine`; they differ only in
-whether they may read a value back to the host:
+Block by block of about ``_BLOCK`` elements: the per-tensor sums (:mod:`._gramian`), the rule on
+Python floats per segment (:func:`~agr_optim._geometry.rule`; reading a CPU value back costs
+nothing) and the combine (:mod:`._combine`), so that the combine finds the block's gradients still
+in the cache. Host reads also make the exact repairs free: a segment whose sums left the accurate
+range is summed again, scaled, in float64 and combined exactly; an ill-conditioned projected
+segment is clipped by the norm of its explicit ``r``. The accelerator schedule, which may not read
+anything back, is :mod:`._device`.
 
-- :func:`reconstruct_host` (eager CPU): block by block of about ``_BLOCK`` elements, the sums,
-  the rule on Python floats (reading a CPU value back costs nothing) and the combine, so that
-  the combine finds the block's gradients still in the cache. Host reads also make the exact
-  repairs free: a segment whose sums left the accurate range is summed again, scaled, in
-  float64 and combined exactly; an ill-conditioned projected segment is clipped by the norm of
-  its explicit ``r``.
-- :func:`reconstruct_device` (accelerators, ``torch.compile``): all sums, the rule on
-  ``[S]``-sized tensors, the combine; no ``.item()``, no Python branch on values, so no host
-  synchronisation. Nothing can be redone: out-of-range segments fall back to the clipped
-  adversarial gradient (their clean gradient counts as zero, ``stats.out_of_range`` says where)
-  and ill-conditioned projected segments are clipped by a safe upper bound of ``|r|``.
-
-Both take a ``reduction`` (:class:`~agr_optim._gramian.Reduction`): DTensor shards run the same
+It takes a ``reduction`` (:class:`~agr_optim._gramian.Reduction`): DTensor shards run the same
 code on their local tensors, with one ``all_reduce`` of the sums (``_distributed.py``).
 
 Why ``torch.dot`` and not ``torch._foreach_norm``: on CPU the norm kernels are compute bound
@@ -36,13 +28,10 @@ from ._combine import combine, combine_exact
 from ._geometry import (
     FloatOps,
     Rule,
-    coefficient_dtype,
-    coefficients,
     combine_rounding,
     ill_conditioned,
     narrowest_accumulation_dtype,
     rule,
-    stats_of,
     sum_error,
 )
 from ._gramian import (
@@ -234,66 +223,3 @@ def _stats_from_floats(rows: list[Rule], out_of_range_rows: list[bool]) -> Recon
         clip_scale=column("clip_scale"),
         out_of_range=torch.tensor(out_of_range_rows, dtype=torch.bool),
     )
-
-
-def device_coefficients(
-    per_tensor: Tensor,
-    ids: Tensor | None,
-    num_segments: int,
-    *,
-    clip_norm: float | None,
-    rounding: float,
-    error: float,
-    floor: float,
-    reduction: Reduction = LOCAL,
-) -> tuple[Rule, Tensor]:
-    """``[S]`` coefficients from ``[T, 3]`` per-tensor sums (``|a|^2, <a,c>, |c|^2``), without
-    host reads; segments whose sums left the accurate range keep only their adversarial gradient.
-
-    ``ids`` maps tensors to segments (``None``: one segment per tensor, locally). Shared by the
-    eager device schedule and the compiled kernel.
-    """
-    per_tensor = per_tensor.to(coefficient_dtype(per_tensor.device))
-    sums = per_tensor if ids is None else reduction.segment_sums(per_tensor, ids, num_segments)
-    sq_a, dot, sq_c = sums.unbind(1)
-    suspect = out_of_range(dot, sq_a, sq_c, floor)
-    # Nothing can be redone here. Squares too small to be accurate: the clean gradient counts
-    # as zero (the rule's zero policy then gives the clipped adversarial gradient). Non-finite
-    # sums (an Inf/NaN gradient, or float32 norms above ~1e19: the two look alike from here)
-    # stay non-finite, so the update is NaN, loudly, as for any non-finite gradient.
-    finite = torch.isfinite(dot) & torch.isfinite(sq_a) & torch.isfinite(sq_c)
-    tiny = suspect & finite
-    dot, sq_c = torch.where(tiny, 0.0, dot), torch.where(tiny, 0.0, sq_c)
-    r = coefficients(dot, sq_a, sq_c, clip_norm=clip_norm, rounding=rounding, sum_error=error)
-    nan = torch.full_like(r.adversarial, math.nan)
-    r = r._replace(**{k: torch.where(finite, getattr(r, k), nan) for k in ("adversarial", "clean", "clean_scaled")})
-    return r, suspect
-
-
-def reconstruct_device(
-    adversarial: Sequence[Tensor],
-    clean: Sequence[Tensor | None],
-    *,
-    segment_ids: Sequence[int],
-    num_segments: int,
-    clip_norm: float | None,
-    out: Sequence[Tensor] | None,
-    reduction: Reduction = LOCAL,
-    weights: Sequence[float] | None = None,
-) -> tuple[list[Tensor], ReconstructionStats]:
-    """Accelerators (and CPU under ``torch.compile``): all sums, ``[S]`` coefficients, the
-    combine, without ever reading a value back (no host synchronisation)."""
-    device = adversarial[0].device
-    rounding, error = budget(adversarial, segment_ids, num_segments, reduction)
-    floor = range_floor(narrowest_accumulation_dtype(a.dtype for a in adversarial))
-    per_tensor = _weighted(torch.stack(tensor_sums(adversarial, clean)).view(-1, 3), weights)
-    local_per_tensor = not getattr(reduction, "distributed", False) and list(segment_ids) == list(range(num_segments))
-    # The index tensor exists only for "group"/"global" or shards: "tensor" (the default) needs none.
-    ids = None if local_per_tensor else torch.tensor(list(segment_ids), device=device)
-    r, suspect = device_coefficients(per_tensor, ids, num_segments, clip_norm=clip_norm, rounding=rounding,
-                                     error=error, floor=floor, reduction=reduction)
-    if out is NO_OUTPUT:
-        return [], stats_of(r, suspect)
-    k_a = r.adversarial if ids is None else r.adversarial[ids]
-    k_c = r.clean if ids is None else r.clean[ids]
-    return combine(adversarial, clean, k_a, k_c, out), stats_of(r, suspect)

@@ -29,12 +29,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def widest_accumulation_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
-    """Accumulation dtype for the loop's sums and explicit combine over tensors of several
-    dtypes: float64 if any is float64, so a float64 tensor is never rounded through float32."""
-    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
-
-
 def narrowest_accumulation_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     """The accumulation dtype with the least range and precision among ``dtypes``' (float32
     unless all are float64): the one that sets the rounding and the range limits."""
@@ -202,7 +196,7 @@ def rule(
     rounding: float = 0.0,
     sum_error: float = 0.0,
     exact_norm: Any = None,
-    ops: type = TensorOps,
+    ops: Any = TensorOps,
 ) -> Rule:
     r"""Turn one segment's sums into the AGR coefficients :math:`(k_a, k_c)`, :math:`r = k_a a + k_c c`.
 
@@ -318,9 +312,118 @@ def rule(
     )
 
 
-def clip_scale_of(bound: Any, norm_r: Any, clip_norm: Any, ops: type = TensorOps) -> Any:
+def clip_scale_of(bound: Any, norm_r: Any, clip_norm: Any, ops: Any = TensorOps) -> Any:
     """``min(1, clip_norm / bound)``, 1 where ``bound`` is 0, NaN where ``norm_r`` is NaN (a
     NaN norm is never clipped to 1). ``bound`` and ``clip_norm`` in the same units."""
     scale = ops.where(bound > 0, ops.rdiv(clip_norm, ops.where(bound > 0, bound, 1.0)), 1.0)
     scale = ops.where(ops.isnan(scale), scale, ops.clamp(scale, max=1.0))
     return ops.where(ops.isnan(norm_r), norm_r, scale)
+
+
+# --------------------------------------------------------------------------- packed, for accelerators
+def product_floor(dtype: torch.dtype) -> float:
+    r"""Below this :math:`\lVert a\rVert\lVert c\rVert`, products :math:`a_i c_i` taken in ``dtype``
+    may be subnormal and :math:`\langle a, c\rangle` inexact (for segments of up to :math:`2^{26}`
+    elements, whose subnormal rounding then stays below ``eps`` relative)."""
+    return torch.finfo(dtype).tiny * 2.0**26
+
+
+def packed_doubt(product_dtype: torch.dtype, rounding: float) -> float:
+    r"""The allowance :math:`D^2` of :func:`packed_rule`, relative to :math:`\lVert a\rVert^2`.
+
+    The packed sums are exact squares and :math:`\langle a, c\rangle` from products rounded once
+    in ``product_dtype`` (relative error :math:`\gamma \le 2^{-p}`, taken 4 times larger), so the
+    closed-form :math:`\lVert r\rVert^2` of a projection is off by at most
+    :math:`2\gamma\lVert a\rVert^2`; the combine adds at most ``2 rounding`` :math:`\lVert a\rVert`.
+    """
+    gamma = 4.0 * torch.finfo(product_dtype).eps
+    return (2.0 * math.sqrt(gamma) + 2.0 * rounding) ** 2
+
+
+class _PackedConstants(NamedTuple):
+    zero: Tensor
+    bounds: Tensor  # bucketize boundaries of |a||c|: 0 | below the floor | fine | not finite
+    out_of_range: Tensor  # the bands that are out of range
+    low: Tensor  # clamp bounds of (cos, <a,c>/|c|^2) -> (relu(cos), min(0, <a,c>/|c|^2))
+    high: Tensor
+    base: Tensor  # k = base + (relu(cos), min(0, ...)) @ mix = (1 - relu(cos), relu(cos) - min(0, ...))
+    mix: Tensor
+
+
+_CONSTANTS: dict[tuple[torch.dtype, torch.device, float], _PackedConstants] = {}
+
+
+def _packed_constants(dtype: torch.dtype, device: torch.device, floor: float) -> _PackedConstants:
+    """The rule's small constant tensors, made once per dtype, device and floor (a host-to-device
+    copy at the first step only)."""
+    key = (dtype, device, floor)
+    found = None if torch.compiler.is_compiling() else _CONSTANTS.get(key)  # traced: graph constants
+    if found is None:
+        info = torch.finfo(dtype)
+        make = lambda values: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        found = _PackedConstants(
+            zero=make(0.0),
+            bounds=make([info.tiny * info.eps, floor, math.inf]),  # the smallest subnormal, the floor
+            out_of_range=torch.tensor([1, 3], device=device),
+            low=make([0.0, -math.inf]),
+            high=make([1.0, 0.0]),
+            base=make([1.0, 0.0]),
+            mix=make([[-1.0, 1.0], [0.0, -1.0]]),
+        )
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = found
+    return found
+
+
+def packed_rule(
+    gram: Tensor, *, clip_norm: float | None, floor: float, doubt: float
+) -> tuple[Tensor, ReconstructionStats]:
+    r""":func:`rule` on all segments at once, in a fixed handful of tensor operations.
+
+    ``gram`` is ``[S, 4]``: per segment the Gramian :math:`G` of :math:`(a, c)` row by row,
+    :math:`\lVert a\rVert^2, \langle a,c\rangle, \langle a,c\rangle, \lVert c\rVert^2`, so that
+    :math:`\lVert k_a a + k_c c\rVert^2 = k G k^\top` for :math:`k = (k_a, k_c)`. Returns the
+    clipped coefficients ``[S, 2]`` and the statistics, without reading anything back to the host.
+
+    The same rule as :func:`rule`, written for the accelerator's schedule (every operation is a
+    kernel launch, so fewer is faster): with :math:`u = \operatorname{relu}(\cos)` and
+    :math:`p = \min(0, \langle a,c\rangle / \lVert c\rVert^2)`, :math:`k = (1 - u, u - p)` is the
+    interpolation where :math:`\cos > 0` and the projection where :math:`\cos \le 0` (the signs of
+    :math:`\cos` and :math:`p` are those of :math:`\langle a,c\rangle`); a zero norm gives
+    :math:`k = (1, 0)`, the zero policy. :math:`\lVert r\rVert^2 = k G k^\top`, and clipping
+    divides by :math:`\sqrt{\lVert r\rVert^2 + D^2\lVert a\rVert^2}` where the segment is
+    projected (``doubt`` is :math:`D^2`, :func:`packed_doubt`: the closed form loses its digits
+    where :math:`a` and :math:`c` are nearly antiparallel; elsewhere the allowance changes the
+    scale by less than :math:`8 D^2`, about 1e-5), by :math:`\lVert r\rVert` where it is
+    interpolated. Segments with :math:`\lVert a\rVert\lVert c\rVert` below
+    ``floor`` count their clean gradient as zero; non-finite sums give NaN coefficients. Both are
+    ``out_of_range`` in the statistics.
+    """
+    c = _packed_constants(gram.dtype, gram.device, floor)
+    norms = gram[:, 0::3].sqrt()  # |a|, |c|
+    den = norms * norms[:, 1:]  # |a||c|, |c|^2
+    # NaN where <a,c> is not finite (a non-finite gradient makes it so, and so does a product
+    # a_i c_i that overflowed with finite squares): never a finite k.
+    den.addcmul_(gram[:, 1:2], c.zero)
+    band = torch.bucketize(den, c.bounds, right=True)[:, :1]  # of |a||c| (bucketize wants it contiguous)
+    # cos and <a,c>/|c|^2; a zero or too small |a||c| gives 0 for both (the zero policy).
+    ratio = (gram[:, 1:2] / den).masked_fill_(band <= 1, 0.0)
+    cosine = ratio[:, 0].clamp(-1.0, 1.0)
+    k = torch.addmm(c.base, ratio.clamp(c.low, c.high), c.mix)
+    sq_r = torch.bmm(k[:, None], torch.bmm(gram.view(-1, 2, 2), k[:, :, None])).view(-1)
+    projected = cosine <= 0
+    if clip_norm is None:
+        scale = torch.ones_like(sq_r)
+    else:
+        bound = torch.addcmul(sq_r, gram[:, 0], projected, value=doubt)
+        scale = bound.mul_(1.0 / (clip_norm * clip_norm)).clamp_min_(1.0).rsqrt_()  # min(1, clip / bound)
+        k.mul_(scale[:, None])
+    return k, ReconstructionStats(
+        cosine=cosine,
+        projected=projected,
+        norm_adversarial=norms[:, 0],
+        norm_clean=norms[:, 1],
+        norm_reconstructed=sq_r.clamp_min(0.0).sqrt(),
+        clip_scale=scale,
+        out_of_range=torch.isin(band.view(-1), c.out_of_range),
+    )

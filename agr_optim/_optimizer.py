@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -13,17 +13,24 @@ from torch.optim import Optimizer
 
 from ._amp import (
     ScalerRequest,
-    ScalerView,
     asked_by_grad_scaler,
     forget_scaler_request,
     read_scaler_request,
     show_stash,
     unscale_,
 )
-from ._distributed import local_tensor
+from ._checkpoint import SETTINGS, STATE_KEY, read_agr_state, strip_agr_state, validate_count
+from ._compiled import reconstruct_rows_compiled
+from ._device import reconstruct_rows, result_rows
+from ._distributed import is_dtensor, local_tensor
+from ._flat import layout_for
+from ._gramian import LOW_PRECISION
+from ._stash import ACCUMULATION_RECIPE, KINDS, Stash
 from ._stats import NO_OUTPUT, ReconstructionStats
 from .functional import (
+    FUSED_SETTINGS,
     GRANULARITIES,
+    _choose,
     _run,
     validate_clip_norm,
     validate_fused,
@@ -33,10 +40,6 @@ from .functional import (
 )
 
 __all__ = ["AGROptimizer", "strip_agr_state"]
-
-KINDS = ("clean", "adversarial")
-_STATE_KEY = "agr"
-_SETTINGS = ("clip_norm", "start_step", "granularity", "fused")
 #: What a pickle or deepcopy keeps, as torch's Optimizer keeps only its defaults, state and
 #: groups: hooks, a scheduler's patched ``step`` (it holds a weakref to the original) and the
 #: stash are left behind.
@@ -44,14 +47,21 @@ _PICKLED = (
     "_optimizer", "_initializing", "_clip_norm", "_start_step", "_granularity", "_fused", "_step_count",
     "_last_stats", "_last_segment_params",
 )
-_RECIPE = "see 'Gradient accumulation' in docs/amp_distributed.rst"
+#: What a step does: reconstruct; the warm start (the adversarial gradient as it is); the state
+#: initialisation step of ``torch.distributed.checkpoint`` (passed on, not counted); skip (an inf
+#: under GradScaler).
+Mode = Literal["reconstruct", "warm_start", "init", "skip"]
+#: The implementations that compute on flat rows (the stash is kept as rows for them).
+_ROW_IMPLEMENTATIONS = ("device", "compiled")
 
 
-class _Plan(NamedTuple):
+@dataclass(frozen=True)
+class _Plan:
     """What one ``step()`` will do, decided before anything is written."""
 
-    mode: str  # "reconstruct", "warm_start", "init" (DCP's state initialisation) or "skip" (an inf)
+    mode: Mode
     grads: list[tuple[Tensor, Tensor | None]]  # every parameter and the .grad its inner step gets
+    params: list[Tensor]  # the parameters of the pairs, in order
     adversarial: list[Tensor]  # the pairs to reconstruct (or to describe, in the warm start)
     clean: list[Tensor | None]
     segment_ids: list[int]
@@ -59,6 +69,7 @@ class _Plan(NamedTuple):
     segment_params: tuple[tuple[Tensor, ...], ...]
     with_stats: bool
     inv_scale: Tensor | None  # GradScaler's: unscale every gradient in the pairs first
+    implementation: str  # the functional implementation that computes the pairs
 
 
 class AGROptimizer(Optimizer):
@@ -100,9 +111,12 @@ class AGROptimizer(Optimizer):
         start_step: number of initial steps that use the adversarial gradient alone.
         granularity: the segments: ``"tensor"`` (each parameter tensor, the paper),
             ``"group"`` (each param group) or ``"global"`` (all parameters at once).
-        fused: use the fused implementation (default) or the readable per-segment loop;
-            ``"compile"`` (opt-in) runs the fused path through ``torch.compile`` (see
-            :func:`agr_optim.functional.reconstruct`).
+        fused: ``True`` (default): the fused implementation, the host schedule on CPU and the
+            accelerator schedule (flat rows, a fixed number of kernels, no host sync) elsewhere;
+            ``"device"``: the accelerator schedule on any device; ``False``: the readable
+            per-segment loop; ``"compile"`` (opt-in): the accelerator schedule through
+            ``torch.compile`` (see :func:`agr_optim.functional.reconstruct`). With the accelerator
+            schedule, :meth:`stash_clean` copies the gradient into the rows the step computes on.
 
     The four settings are also properties, validated on assignment with the constructor's
     messages (a refused value changes nothing). :meth:`load_state_dict` sets them from the
@@ -145,7 +159,7 @@ class AGROptimizer(Optimizer):
                 "AGR reconstructs one update from two given gradients per step, so it cannot wrap it"
             )
         validate_clip_norm(clip_norm)
-        _validate_start_step(start_step)
+        validate_count(start_step)
         validate_granularity(granularity, GRANULARITIES)
         validate_fused(fused)
         self._optimizer = optimizer
@@ -165,11 +179,7 @@ class AGROptimizer(Optimizer):
         self._reset_transient()
 
     def _reset_transient(self) -> None:
-        self._stash: dict[str, dict[Tensor, Tensor]] = {}  # kind -> parameter -> summed gradient
-        self._passes: dict[str, int] = {}  # kind -> stash calls since the last step
-        self._stash_version = 0
-        self._scaler_view: ScalerView | None = None
-        self._interrupted: str | None = None  # why step() and the stash are refused until zero_grad()
+        self._stash = Stash()
 
     def _agr(self) -> AGROptimizer:
         """The instance holding the state: ``self``, or the AGROptimizer held by a wrapper whose
@@ -237,7 +247,7 @@ class AGROptimizer(Optimizer):
         return {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = {(f"_{k}" if k in (*_SETTINGS, "last_stats") else k): v for k, v in state.items()}
+        state = {(f"_{k}" if k in (*SETTINGS, "last_stats") else k): v for k, v in state.items()}
         state.setdefault("_last_stats", None)
         state.setdefault("_last_segment_params", None)
         # Optimizer.__setstate__ recreates the hook dictionaries and the step wrapper.
@@ -269,7 +279,7 @@ class AGROptimizer(Optimizer):
 
     @start_step.setter
     def start_step(self, value: int) -> None:
-        _validate_start_step(value)
+        validate_count(value)
         self._agr()._start_step = int(value)
 
     @property
@@ -283,7 +293,7 @@ class AGROptimizer(Optimizer):
 
     @property
     def fused(self) -> bool | str:
-        """The implementation: ``True`` (fused), ``False`` (the loop) or ``"compile"``."""
+        """The implementation: ``True`` (fused), ``"device"``, ``False`` (the loop) or ``"compile"``."""
         return self._agr()._fused
 
     @fused.setter
@@ -347,59 +357,22 @@ class AGROptimizer(Optimizer):
         self._agr()._take_stash("adversarial")
 
     def _take_stash(self, kind: str) -> None:
-        self._refuse_if_interrupted(f"stash_{kind}()")
-        other = KINDS[1 - KINDS.index(kind)]
-        if self._passes.get(kind, 0) > self._passes.get(other, 0):
-            raise RuntimeError(
-                f"a {kind} gradient is already stashed for this step, and no {other} gradient was stashed "
-                f"after it. With gradient accumulation (accelerator.accumulate, or calling step() every k "
-                f"micro-batches), stash both gradients in every micro-batch: clean backward, stash_clean(), "
-                f"adversarial backward, stash_adversarial(); then step() ({_RECIPE}). Otherwise call step() or "
-                f"zero_grad() before stash_{kind}() again. Nothing was changed"
-            )
-        stash = self._stash.get(kind, {})
         params = self._unique_params()
-        if all(p.grad is None for p in params):
-            raise RuntimeError(
-                f"stash_{kind}() found no gradient on any parameter: call it after the {kind} backward pass "
-                "(it moves .grad into the stash). Nothing was changed"
-            )
-        for index, p in enumerate(params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(
-                    f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; "
-                    "AGR supports dense gradients only"
-                )
-            old = stash.get(p)
-            if old is not None and (old.shape, old.dtype, old.device) != (g.shape, g.dtype, g.device):
-                raise RuntimeError(
-                    f"the gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, on {g.device}) does not "
-                    f"match its stashed {kind} gradient (shape {tuple(old.shape)}, {old.dtype}, on {old.device}): "
-                    "the model was moved or cast between micro-batches; call zero_grad() and redo them"
-                )
-        for p in params:
-            g = p.grad
-            if g is None:
-                continue
-            old = stash.get(p)
-            if old is None:
-                # A gradient that is a view into a shared buffer (DDP's gradient_as_bucket_view)
-                # would be overwritten by the next backward pass, which writes into the same
-                # buffer, and an expanded one cannot be added to in place: only those are copied.
-                stash[p] = g.clone() if g._is_view() or _overlaps(g) else g
-            else:
-                old.add_(g)
-            p.grad = None
-        self._stash[kind] = stash
-        self._passes[kind] = self._passes.get(kind, 0) + 1
-        self._stash_version += 1
+        # Rows for the accelerator schedule; bf16/fp16 gradients stay tensors (their rows are
+        # float32: the step gathers them, and the stash keeps the gradients' own dtype).
+        rows = self._implementation(params) in _ROW_IMPLEMENTATIONS and not any(
+            p.grad is not None and p.grad.dtype in LOW_PRECISION for p in params
+        )
+        self._stash.take(kind, params, rows=rows)
+
+    def _implementation(self, params: list[Tensor], statistics_only: bool = False) -> str:
+        """The functional implementation that will compute this optimizer's gradients."""
+        if not params or is_dtensor(params[0]):
+            return "dtensor"
+        return _choose(self._fused, params[0].device, statistics_only)[0]
 
     def _drop_stash(self) -> None:
-        self._stash, self._passes, self._scaler_view = {}, {}, None
-        self._stash_version += 1
+        self._stash.drop()
 
     def _unique_params(self) -> list[Tensor]:
         """The parameters of the inner groups, each once (torch only warns on duplicates)."""
@@ -410,18 +383,19 @@ class AGROptimizer(Optimizer):
         return list(seen.values())
 
     def _show_stash_to_scaler(self) -> dict[str, Any]:
-        stashed = [(p, g) for kind in KINDS for p, g in self._stash.get(kind, {}).items()]
         current = tuple(p.grad for p in self._unique_params())
-        self._scaler_view = show_stash(
-            self._scaler_view, stashed, self._optimizer.param_groups, self._stash_version, current
+        view = show_stash(
+            self._stash.scaler_view, self._stash.items(), self._optimizer.param_groups,  # type: ignore[arg-type]
+            self._stash.version, current,
         )
-        return self._scaler_view.group
+        self._stash.scaler_view = view
+        return view.group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients through the inner optimizer, and drop any stash."""
         agr = self._agr()
-        agr._drop_stash()
-        agr._interrupted = None
+        agr._stash.drop()
+        agr._stash.interrupted = None
         agr._optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -458,8 +432,8 @@ class AGROptimizer(Optimizer):
                 self._optimizer.step()
             except BaseException as error:
                 forget_scaler_request(self)
-                self._interrupted = type(error).__name__
-                self._drop_stash()
+                self._stash.interrupted = type(error).__name__
+                self._stash.drop()
                 raise
         # Attribute writes come after the inner step: under torch.compile the inner step's
         # graph break drops the writes made before it (seen with torch 2.13); .grad writes stay.
@@ -467,22 +441,26 @@ class AGROptimizer(Optimizer):
             self._step_count += 1
         if stats is not None:
             self._last_stats, self._last_segment_params = stats, plan.segment_params
-        self._drop_stash()
+        self._stash.drop()
         return loss
 
     def _plan(self) -> _Plan:
         """Check everything and decide the step; writes nothing (see ``step``)."""
-        self._refuse_if_interrupted("step()")
-        self._check_stash()
+        self._stash.refuse_if_interrupted("step()")
+        self._stash.check()
         params = self._unique_params()
         current = tuple(p.grad for p in params)
         if not self._stash and self._is_state_init_step(current):
             # torch.distributed.checkpoint initialises a fresh optimizer's state with a step
             # on zero gradients at lr 0; it moves nothing, so it is passed to the inner
             # optimizer and not counted.
-            return _Plan("init", [], [], [], [], 0, (), False, self._scaler_request(current).inv_scale)
+            return _Plan(
+                mode="init", grads=[], params=[], adversarial=[], clean=[], segment_ids=[], num_segments=0,
+                segment_params=(), with_stats=False, inv_scale=self._scaler_request(current).inv_scale,
+                implementation="none",
+            )
         adversarial_of, clean_of = self._sources()
-        mode = "reconstruct" if self.active else "warm_start"
+        mode: Mode = "reconstruct" if self.active else "warm_start"
         grads: list[tuple[Tensor, Tensor | None]] = []
         pairs: list[tuple[int, Tensor, Tensor | None]] = []  # (group index, parameter, clean)
         seen: set[int] = set()
@@ -497,13 +475,16 @@ class AGROptimizer(Optimizer):
                     pairs.append((group_index, p, clean_of(p)))
         adversarial = [a for _, a in grads if a is not None]
         clean = [c for _, _, c in pairs]
+        pair_params = [p for _, p, _ in pairs]
         with_stats = mode == "reconstruct" or any(c is not None for c in clean)
+        implementation = self._implementation(pair_params, statistics_only=mode != "reconstruct")
         if with_stats:
             try:
                 validate_gradients(adversarial, clean)
             except ValueError as error:
                 raise ValueError(f"cannot reconstruct: {error} (indices count parameters with a gradient)") from None
-        overlapping = [a for a in adversarial if _overlaps(a)] if mode == "reconstruct" else []
+        in_place = mode == "reconstruct" and implementation not in _ROW_IMPLEMENTATIONS  # rows are copies
+        overlapping = [a for a in adversarial if _overlaps(a)] if in_place else []
         if overlapping:
             # Reconstructed in place below, and torch refuses in-place writes into an expanded
             # tensor: such a gradient gets a dense copy. (The clean one is only read; an expanded
@@ -511,7 +492,7 @@ class AGROptimizer(Optimizer):
             dense = {id(a): torch.empty_like(a, memory_format=torch.contiguous_format).copy_(a) for a in overlapping}
             adversarial = [dense.get(id(a), a) for a in adversarial]
             grads = [(p, a if a is None else dense.get(id(a), a)) for p, a in grads]
-        if mode == "reconstruct":
+        if in_place:
             try:  # a gradient sharing memory with another would be read after being overwritten
                 validate_writable(adversarial, clean)
             except ValueError as error:
@@ -519,16 +500,18 @@ class AGROptimizer(Optimizer):
         segment_ids = self._segment_ids([group_index for group_index, _, _ in pairs])
         num_segments = max(segment_ids) + 1 if segment_ids else 0
         members: list[list[Tensor]] = [[] for _ in range(num_segments)]
-        for segment, (_, p, _) in zip(segment_ids, pairs, strict=True):
+        for segment, p in zip(segment_ids, pair_params, strict=True):
             members[segment].append(p)
         amp = self._scaler_request(current)
         return _Plan(
-            "skip" if amp.found_inf else mode, grads, adversarial, clean, segment_ids, num_segments,
-            tuple(map(tuple, members)), with_stats, amp.inv_scale,
+            mode="skip" if amp.found_inf else mode, grads=grads, params=pair_params, adversarial=adversarial,
+            clean=clean, segment_ids=segment_ids, num_segments=num_segments,
+            segment_params=tuple(map(tuple, members)), with_stats=with_stats, inv_scale=amp.inv_scale,
+            implementation=implementation,
         )
 
     def _apply(self, plan: _Plan) -> ReconstructionStats | None:
-        """Unscale, reconstruct in place, set every ``.grad`` (the writes of a step)."""
+        """Unscale, reconstruct, set every ``.grad`` (the writes of a step)."""
         if plan.inv_scale is not None:
             tensors = [*plan.adversarial, *(c for c in plan.clean if c is not None)]
             if plan.mode == "init":
@@ -536,15 +519,36 @@ class AGROptimizer(Optimizer):
             unique = {id(t): t for t in tensors}  # a parameter listed twice is unscaled once
             unscale_(list(unique.values()), plan.inv_scale)
         stats = None
-        if plan.with_stats:
+        grads = plan.grads
+        if plan.with_stats and plan.implementation in _ROW_IMPLEMENTATIONS:
+            stats, grads = self._reconstruct_rows(plan)
+        elif plan.with_stats:
             out = plan.adversarial if plan.mode == "reconstruct" else NO_OUTPUT  # warm start: statistics only
             _, stats = _run(
                 plan.adversarial, plan.clean, plan.segment_ids, plan.num_segments, self._clip_norm, self._fused,
                 out=out,
             )
-        for p, g in plan.grads:
+        for p, g in grads:
             p.grad = g
         return stats
+
+    def _reconstruct_rows(self, plan: _Plan) -> tuple[ReconstructionStats, list[tuple[Tensor, Tensor | None]]]:
+        """The accelerator schedule: the pairs in rows (the stash's own, or gathered by one copy
+        per kind), reconstructed in the adversarial rows, whose views become the ``.grad``."""
+        layout = layout_for(plan.params)
+        rows = {kind: self._stash.rows_for(kind, plan.params) for kind in KINDS}
+        a_rows = rows["adversarial"] or layout.gather(plan.adversarial)
+        c_rows = rows["clean"] or layout.gather(plan.clean)
+        clip = None if self._clip_norm is None or self._clip_norm == float("inf") else float(self._clip_norm)
+        run = reconstruct_rows_compiled if plan.implementation == "compiled" else reconstruct_rows
+        if plan.mode != "reconstruct":  # the warm start: statistics only, .grad stays the adversarial gradient
+            stats = reconstruct_rows(layout, a_rows, c_rows, segment_ids=plan.segment_ids,
+                                     num_segments=plan.num_segments, clip_norm=clip, combine=False)
+            return stats, plan.grads
+        stats = run(layout, a_rows, c_rows, segment_ids=plan.segment_ids, num_segments=plan.num_segments,
+                    clip_norm=clip)
+        new = dict(zip(plan.params, layout.views(result_rows(layout, a_rows)), strict=True))
+        return stats, [(p, g if g is None else new[p]) for p, g in plan.grads]
 
     def _sources(self) -> tuple[Callable[[Tensor], Tensor | None], Callable[[Tensor], Tensor | None]]:
         """Where each parameter's adversarial and clean gradients are, for this step."""
@@ -571,7 +575,7 @@ class AGROptimizer(Optimizer):
                 )
             stashed = self._stash[kind].get
             return (current, stashed) if kind == "clean" else (stashed, current)
-        counts = {k: self._passes.get(k, 0) for k in KINDS}
+        counts = {k: self._stash.passes.get(k, 0) for k in KINDS}
         if counts["clean"] != counts["adversarial"] or has_current:
             lagging = min(KINDS, key=lambda k: counts[k])
             detail = (
@@ -583,7 +587,7 @@ class AGROptimizer(Optimizer):
             raise RuntimeError(
                 f"AGROptimizer.step() found {detail}. With gradient accumulation, every micro-batch stashes both "
                 f"gradients (stash_clean() after the clean backward, stash_adversarial() after the adversarial "
-                f"one) and no backward pass follows the last stash ({_RECIPE}). Nothing was changed"
+                f"one) and no backward pass follows the last stash ({ACCUMULATION_RECIPE}). Nothing was changed"
             )
         return self._stash["adversarial"].get, self._stash["clean"].get
 
@@ -597,28 +601,9 @@ class AGROptimizer(Optimizer):
         return [order[g] for g in groups]
 
     def _scaler_request(self, current: tuple[Tensor | None, ...]) -> ScalerRequest:
-        return read_scaler_request(self, self._scaler_view, bool(self._stash), self._stash_version, current)
-
-    def _refuse_if_interrupted(self, what: str) -> None:
-        if self._interrupted is not None:
-            raise RuntimeError(
-                f"{what} refused: the previous step() was interrupted ({self._interrupted}) after the gradients "
-                "were reconstructed in place, so .grad holds the update, not a fresh gradient (and the inner "
-                "optimizer may have moved some parameters); retrying would reconstruct it twice. Call "
-                "zero_grad() and redo both backward passes"
-            )
-
-    def _check_stash(self) -> None:
-        """A stash whose parameter moved (device, dtype or shape) since it was taken."""
-        for kind, stash in self._stash.items():
-            for index, (p, g) in enumerate(stash.items()):
-                if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-                    raise RuntimeError(
-                        f"the stashed {kind} gradient of parameter {index} (shape {tuple(g.shape)}, "
-                        f"{g.dtype}, on {g.device}) no longer matches the parameter (shape {tuple(p.shape)}, "
-                        f"{p.dtype}, on {p.device}): the model was moved or cast after stash_{kind}(); "
-                        "call zero_grad() and redo both backward passes"
-                    )
+        return read_scaler_request(
+            self, self._stash.scaler_view, bool(self._stash), self._stash.version, current  # type: ignore[arg-type]
+        )
 
     def _is_state_init_step(self, current: tuple[Tensor | None, ...]) -> bool:
         """Whether this is torch.distributed.checkpoint's state-initialisation step.
@@ -650,7 +635,7 @@ class AGROptimizer(Optimizer):
             pre_hook(self)
         state_dict = self._optimizer.state_dict()
         mine = self._agr_state()
-        state_dict["param_groups"] = [{**group, _STATE_KEY: dict(mine)} for group in state_dict["param_groups"]]
+        state_dict["param_groups"] = [{**group, STATE_KEY: dict(mine)} for group in state_dict["param_groups"]]
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -682,7 +667,7 @@ class AGROptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        mine = _read_agr_state(state_dict)
+        mine = read_agr_state(state_dict)
         self._optimizer.load_state_dict(strip_agr_state(state_dict))
         if mine is not None:
             for key, value in mine.items():
@@ -694,30 +679,6 @@ class AGROptimizer(Optimizer):
 
 #: The getters a wrapper around the wrapper forwards ``param_groups`` through (see _amp.py).
 _FORWARDING_CODE = (AGROptimizer.param_groups.fget.__code__,)  # type: ignore[attr-defined]
-
-
-def strip_agr_state(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of an :class:`AGROptimizer` state dict without the wrapper's ``"agr"`` entries.
-
-    Loads into the plain inner optimizer (``torch.optim.SGD.load_state_dict`` would otherwise
-    keep ``"agr"`` as one more key of every param group). Only the dict and its groups are new;
-    the state tensors are shared. A state dict without the entries comes back equal.
-
-    Example:
-        >>> import torch
-        >>> from agr_optim import AGROptimizer, strip_agr_state
-        >>> params = torch.nn.Linear(2, 1).parameters()
-        >>> saved = AGROptimizer(torch.optim.SGD(params, lr=0.1)).state_dict()
-        >>> "agr" in saved["param_groups"][0], "agr" in strip_agr_state(saved)["param_groups"][0]
-        (True, False)
-    """
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
-        raise ValueError("state_dict must be a dict with a 'param_groups' list (an optimizer's state_dict())")
-    groups = state_dict["param_groups"]
-    for index, group in enumerate(groups):
-        if not isinstance(group, dict):
-            raise ValueError(f"state_dict's param_groups[{index}] is a {type(group).__name__}; expected a dict")
-    return {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != _STATE_KEY} for g in groups]}
 
 
 def _requires_closure(optimizer: Optimizer) -> bool:
@@ -734,59 +695,6 @@ def _overlaps(t: Tensor) -> bool:
 
 
 def _fused_setting(fused: object) -> bool | str:
-    """``"compile"`` stays as it is; anything else is read as a bool, as before."""
-    return "compile" if fused == "compile" else bool(fused)
-
-
-def _validate_start_step(start_step: object, name: str = "start_step") -> None:
-    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or int(start_step) < 0:
-        raise ValueError(f"Invalid {name}: {start_step!r}; expected an integer >= 0")
-
-
-def _read_agr_state(state_dict: object) -> dict[str, Any] | None:
-    """The wrapper entry of a saved state dict, validated; ``None`` if there is none."""
-    strip_agr_state(state_dict)  # type: ignore[arg-type]  # the container checks
-    groups: list[dict[str, Any]] = state_dict["param_groups"]  # type: ignore[index]
-    present = [i for i, g in enumerate(groups) if _STATE_KEY in g]
-    if not present:
-        return None
-    if len(present) != len(groups):
-        missing = sorted(set(range(len(groups))) - set(present))
-        raise ValueError(
-            f"state_dict's param groups {missing} lack the {_STATE_KEY!r} entry that the others carry "
-            "(AGROptimizer.state_dict() writes it into every group)"
-        )
-    entries = [_read_agr_entry(groups[i][_STATE_KEY], f"param_groups[{i}][{_STATE_KEY!r}]") for i in present]
-    if any(e != entries[0] for e in entries):
-        raise ValueError(f"state_dict's param groups carry different {_STATE_KEY!r} entries: {entries}")
-    return entries[0]
-
-
-def _read_agr_entry(entry: object, name: str) -> dict[str, Any]:
-    if not isinstance(entry, dict):
-        raise ValueError(f"state_dict's {name} entry must be a dict, got {type(entry).__name__}")
-    expected = {"step", *_SETTINGS}
-    if set(entry) != expected:
-        raise ValueError(f"state_dict's {name} entry has keys {sorted(entry)}; expected {sorted(expected)}")
-    try:
-        step, start_step = _integer(entry["step"], "step"), _integer(entry["start_step"], "start_step")
-        validate_clip_norm(entry["clip_norm"])
-        granularity = validate_granularity(entry["granularity"], GRANULARITIES)
-        fused = entry["fused"]
-        if not (isinstance(fused, bool) or (isinstance(fused, str) and fused == "compile")):
-            raise ValueError(f"Invalid fused: {fused!r}; expected True, False or 'compile'")
-    except ValueError as error:
-        raise ValueError(f"state_dict's {name} entry: {error}") from None
-    return {"step": step, "clip_norm": entry["clip_norm"], "start_step": start_step, "granularity": granularity,
-            "fused": fused}
-
-
-def _integer(value: object, key: str) -> int:
-    """An int >= 0, or a one-element tensor of an integer dtype holding one (never truncated)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise ValueError(f"Invalid {key}: {value!r}; expected an integer >= 0 (an int or a one-element integer "
-                             "tensor)")
-        value = int(value.item())
-    _validate_start_step(value, key)
-    return int(value)  # type: ignore[call-overload]
+    """A named setting (``"compile"``, ``"device"``) stays as it is; anything else is read as a
+    bool, as before."""
+    return fused if isinstance(fused, str) and fused in FUSED_SETTINGS else bool(fused)

@@ -21,10 +21,10 @@ float32 at least (bf16/fp16 gradients are reduced in float32, float64 stays floa
 
 The implementations (``_IMPLEMENTATIONS``) share one signature and are chosen in one place,
 :func:`_choose`, from explicit inputs: ``"loop"`` (``fused=False``, ``_loop.py``), ``"host"``
-(``fused=True`` on eager CPU), ``"device"`` (``fused=True`` elsewhere, no host reads),
-``"compiled"`` (``fused="compile"``). DTensor gradients run ``"host"`` or ``"device"`` on their
-local shards with global sums (``_distributed.py``). Tests pick one with
-:func:`_use_implementation` instead of patching.
+(``fused=True`` on eager CPU), ``"device"`` (``fused=True`` elsewhere, and ``fused="device"``: flat
+rows, no host reads, ``_device.py``), ``"compiled"`` (``fused="compile"``). DTensor gradients run
+``"host"`` or a per-tensor ``"device"`` schedule on their local shards with global sums
+(``_distributed.py``). Tests pick one with :func:`_use_implementation` instead of patching.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from ._compiled import reconstruct_compiled
+from ._device import reconstruct_device, reconstruct_device_tensors
 from ._distributed import is_dtensor, reconstruct_dtensor, validate_dtensors
-from ._fused import reconstruct_device, reconstruct_host
+from ._fused import reconstruct_host
 from ._loop import empty_stats, reconstruct_loop
 from ._stats import NO_OUTPUT, ReconstructionStats
 
@@ -70,17 +71,21 @@ def reconstruct(
         clip_norm: clip each segment's result to this norm (> 0); ``None`` for no clipping.
         granularity: ``"tensor"`` (each tensor a segment, the paper's choice) or ``"global"``
             (all tensors one segment).
-        fused: ``True`` for the fused implementation (three sums per tensor in one cache-hot
-            visit, multi-tensor combine; on CPU block by block so that the combine finds the
-            gradients still in the cache); ``False`` for the plain per-segment loop
-            that states the math. Both give the same result up to rounding. ``"compile"``
-            (opt-in): the fused path through ``torch.compile``, one pass per tensor for the
-            sums and one for the combine; the first call compiles (tens of seconds on CPU), and so
-            does a call with new shapes, dtypes or a new ``clip_norm`` (torch.compile specialises on it).
-            Without host reads (accelerators, ``"compile"``) segments whose float32 squares
-            leave the accurate range (norms beyond about 1e19 or below about 1e-12) keep only
-            their clipped adversarial gradient (``out_of_range`` in the statistics); on eager
-            CPU they are reconstructed exactly.
+        fused: ``True`` (the default) for the fused implementation: on eager CPU the host
+            schedule (block by block, so that the combine finds the gradients still in the cache,
+            with exact repairs of out-of-range sums), elsewhere the accelerator schedule (all
+            gradients copied into flat rows, a fixed number of kernels whatever the number of
+            tensors, no host synchronisation; see :doc:`/algorithm`). ``"device"``: the
+            accelerator schedule on any device, CPU included (to check it, or to time it).
+            ``False``: the plain per-segment loop that states the math. ``"compile"`` (opt-in):
+            the accelerator schedule through ``torch.compile`` (sums and combine one pass each);
+            the first call compiles (tens of seconds on CPU), and so does a call with new shapes,
+            dtypes or a new ``clip_norm`` (torch.compile specialises on it). All give the same
+            result up to rounding. Without host reads (accelerator schedule, ``"compile"``) a
+            segment with :math:`\lVert a\rVert\lVert c\rVert` below about 1e-30 (float32) keeps
+            its clipped adversarial gradient (``out_of_range`` in the statistics) and one whose
+            products :math:`a_i c_i` overflow gives NaN; the host schedule reconstructs both
+            exactly.
 
     Returns:
         New tensors, one per input, each with its input's shape and dtype. The inputs are
@@ -134,8 +139,9 @@ def statistics(
     """The per-segment :class:`~agr_optim.ReconstructionStats` that :func:`reconstruct` would
     give (cosine, projection, norms, clip scale), without computing or changing any gradient.
 
-    Same arguments and checks as :func:`reconstruct`. Costs the sums only (no combine, nothing
-    gradient-sized allocated); ``fused="compile"`` computes them eagerly.
+    Same arguments and checks as :func:`reconstruct`. Costs the sums only (no combine; the
+    host schedule allocates nothing gradient-sized, the accelerator schedule its rows);
+    ``fused="compile"`` computes them eagerly.
 
     Example:
         >>> import torch
@@ -176,6 +182,7 @@ _IMPLEMENTATIONS = {
     "loop": reconstruct_loop,
     "host": reconstruct_host,
     "device": reconstruct_device,
+    "device_tensors": reconstruct_device_tensors,
     "compiled": reconstruct_compiled,
 }
 #: Set by :func:`_use_implementation` (tests): the implementation to run, and its options.
@@ -204,8 +211,13 @@ def _choose(fused: bool | str, device: torch.device, statistics_only: bool) -> t
         return "loop", {}
     if fused == "compile":  # its statistics without compiling: the same schedule, eagerly
         return ("device" if statistics_only else "compiled"), {}
-    host_readable = device.type == "cpu" and not torch.compiler.is_compiling()
-    return ("host" if host_readable else "device"), {}
+    if fused == "device" and not torch.compiler.is_compiling():  # on any device (e.g. to check it on CPU)
+        return "device", {}
+    if torch.compiler.is_compiling():
+        # Traced into the caller's graph: the per-tensor form (no layout objects to build while
+        # tracing; inductor fuses its operations anyway).
+        return "device_tensors", {}
+    return ("host" if device.type == "cpu" else "device"), {}
 
 
 def _run(
@@ -250,9 +262,14 @@ def validate_granularity(granularity: object, allowed: Sequence[str]) -> str:
     return granularity
 
 
+#: The named ``fused`` settings (besides ``True`` and ``False``).
+FUSED_SETTINGS = ("compile", "device")
+FUSED_CHOICES = "True, False, 'device' or 'compile'"
+
+
 def validate_fused(fused: object) -> None:
-    if isinstance(fused, str) and fused != "compile":
-        raise ValueError(f"Invalid fused: {fused!r}; expected True, False or 'compile'")
+    if isinstance(fused, str) and fused not in FUSED_SETTINGS:
+        raise ValueError(f"Invalid fused: {fused!r}; expected {FUSED_CHOICES}")
 
 
 def validate_clip_norm(clip_norm: object) -> None:

@@ -200,7 +200,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         clip_norm=st.sampled_from(CLIP_NORMS),
         start_step=st.sampled_from([0, 0, 1, 3]),
         granularity=st.sampled_from(GRANULARITIES),
-        fused=st.booleans(),
+        fused=st.sampled_from([True, False, "device"]),
         seed=st.integers(0, 2**16),
         iterations=st.integers(0, 3),
         data=st.data(),
@@ -223,6 +223,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         }[inner]
         # Adam squares the gradient in the parameters' dtype: float32 overflows at 1e19.
         self.huge = 1e15 if (self.kind == "adam" and dtype == torch.float32) else 1e30
+        self.tiny, self.smallest = 1e-30, 1e-100
+        # The accelerator schedule forms the products a_i c_i in float32: they must neither
+        # overflow nor underflow (its documented range); a run that may use it (the setting can
+        # change mid-run) draws float32 gradients inside it.
+        self.device_range = fused == "device"
+        if self.device_range and dtype == torch.float32:
+            self.huge, self.tiny, self.smallest = 1e15, 1e-12, 1e-13
         slots = [self.new_slot(shape) for shape in shapes]
         cut = len(slots) // 2 if two_groups and len(slots) > 1 else len(slots)
         self.groups: list[list[Slot]] = [g for g in (slots[:cut], slots[cut:]) if g]
@@ -376,18 +383,18 @@ class ProtocolMachine(RuleBasedStateMachine):
         stashed = [s[slot] / self.mirror_scale for s in self.stash.values() if slot in s]
         other = stashed[0] if stashed else slot.last_g
         if kind in ("parallel", "antiparallel") and other is not None:
-            k = data.draw(st.sampled_from([1.0, 0.5, 3.0, 1e-30, 1e30]), label="factor")
+            k = data.draw(st.sampled_from([1.0, 0.5, 3.0, self.tiny, 1 / self.tiny]), label="factor")
             k = -k if kind == "antiparallel" else k
             top = other.abs().max().item() if other.numel() else 0.0
-            if top * abs(k) > self.huge * 10 or 0 < top * abs(k) < 1e-100:
+            if top * abs(k) > self.huge * 10 or 0 < top * abs(k) < self.smallest:
                 # Finite inputs (float32 ones may underflow to subnormals), and float64 squares
                 # in the reference that neither over- nor underflow.
                 k = math.copysign(1.0, k)
             return (other * k).to(self.dtype)
         values = torch.from_numpy(self.rng.standard_normal(shape))
         if kind == "mixed":  # every entry its own magnitude: sums dominated by a few entries
-            return (values * torch.from_numpy(self.rng.choice([1e-30, 1.0, self.huge], size=shape))).to(self.dtype)
-        scale = data.draw(st.sampled_from([1.0, 1e-30, self.huge]), label="scale")
+            return (values * torch.from_numpy(self.rng.choice([self.tiny, 1.0, self.huge], size=shape))).to(self.dtype)
+        scale = data.draw(st.sampled_from([1.0, self.tiny, self.huge]), label="scale")
         return (values * scale).to(self.dtype)
 
     def backward(self, data, scaler=None, inf: bool = False) -> bool:
@@ -937,7 +944,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             "clip_norm": st.sampled_from(CLIP_NORMS),
             "start_step": st.integers(0, 5),
             "granularity": st.sampled_from(GRANULARITIES),
-            "fused": st.booleans(),
+            "fused": st.sampled_from([True, False, "device"] if self.device_range else [True, False]),
         }[name], label="value")
         setattr(self.opt, name, value)
         self.settings[name] = value
