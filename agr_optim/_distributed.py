@@ -125,7 +125,7 @@ def reconstruct_dtensor(
         return [], stats
     if out is not None:
         return list(out), stats
-    wrapped = [
+    wrapped: list[Tensor] = [
         DTensor.from_local(r, mesh, g.placements, shape=g.shape, stride=g.stride())  # type: ignore[attr-defined]
         for r, g in zip(results, adversarial, strict=True)
     ]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,6 +91,39 @@ def _weighted(per_tensor: Tensor, weights: Sequence[float] | None) -> Tensor:
     return per_tensor * torch.tensor(list(weights), dtype=per_tensor.dtype, device=per_tensor.device)[:, None]
 
 
+@dataclass(frozen=True)
+class _Block:
+    """A run of whole segments: its tensors (positions ``start`` on) and each segment's members
+    (positions in the block), segments in order."""
+
+    start: int
+    adversarial: Sequence[Tensor]
+    clean: Sequence[Tensor | None]
+    members: dict[int, list[int]]
+    weights: Sequence[float] | None  # per tensor of the block (DTensor replicas counted once)
+
+    @property
+    def segments(self) -> list[int]:
+        return sorted(self.members)
+
+    def tensors(self, segment: int) -> tuple[list[Tensor], list[Tensor | None], list[float] | None]:
+        members = self.members[segment]
+        weights = None if self.weights is None else [self.weights[m] for m in members]
+        return [self.adversarial[m] for m in members], [self.clean[m] for m in members], weights
+
+
+class _Coefficients(NamedTuple):
+    """One segment's rule, and how to combine it: ``exact`` in float64 (rescued sums, or
+    coefficients float32 cannot hold), with ``scale_c`` the clean gradient's scale."""
+
+    segment: int
+    members: list[int]
+    rule: Rule
+    scale_c: float
+    exact: bool
+    rescued: bool
+
+
 def reconstruct_host(
     adversarial: Sequence[Tensor],
     clean: Sequence[Tensor | None],
@@ -101,79 +136,102 @@ def reconstruct_host(
     weights: Sequence[float] | None = None,
     block: int = _BLOCK,
 ) -> tuple[list[Tensor], ReconstructionStats]:
-    """Eager CPU: per block, the sums, the rule on floats with the exact repairs, the combine."""
+    """Eager CPU: per block, the sums (:func:`_block_sums`), the rule on floats with the exact
+    repairs (:func:`_segment_coefficients`), the combine (:func:`_combine_block`)."""
     rounding, error = budget(adversarial, segment_ids, num_segments, reduction)
     floor = range_floor(narrowest_accumulation_dtype(a.dtype for a in adversarial))
     distributed = getattr(reduction, "distributed", False)
-    rows: list[Rule] = []
-    rescued_rows: list[bool] = []
+    found: list[_Coefficients] = []
     results: list[Tensor] = []
     # Collectives need the same blocks on every rank: one block when distributed.
     for start, stop in blocks(adversarial, segment_ids, None if distributed else block):
-        adv, cln = adversarial[start:stop], clean[start:stop]
-        members_of: dict[int, list[int]] = {}  # segment -> its tensors' indices in the block
+        members: dict[int, list[int]] = {}
         for m in range(stop - start):
-            members_of.setdefault(segment_ids[start + m], []).append(m)
-        segments = sorted(members_of)
-        per_tensor = torch.stack(tensor_sums(adv, cln))  # |a|^2, <a,c>, |c|^2 per tensor
-        if distributed:
-            position_of = {segment: position for position, segment in enumerate(segments)}
-            local_ids = torch.tensor([position_of[segment_ids[start + m]] for m in range(stop - start)])
-            per = _weighted(per_tensor.view(-1, 3).to(torch.float64), weights)
-            totals = reduction.segment_sums(per, local_ids.to(per.device), len(segments)).tolist()
-        else:
-            flat = per_tensor.tolist()
-            totals = [[sum(flat[3 * m + j] for m in members_of[s]) for j in range(3)] for s in segments]
-        suspect = [out_of_range(dot, sq_a, sq_c, floor) for sq_a, dot, sq_c in totals]
-        underflowed_to_zero(suspect, totals, [members_of[s] for s in segments], adv, cln, reduction)
-        k_a = [0.0] * (stop - start)
-        k_c = [0.0] * (stop - start)
-        exact: list[tuple[list[int], Rule, float]] = []
-        for position, segment in enumerate(segments):
-            members = members_of[segment]
-            sq_a, dot, sq_c = totals[position]
-            scale_a = scale_c = 1.0
-            if suspect[position]:
-                dot, sq_a, sq_c, scale_a, scale_c = scaled_sums(
-                    [adv[m] for m in members], [cln[m] for m in members], reduction=reduction,
-                    weights=None if weights is None else [weights[start + m] for m in members],
-                )
-            sums = dict(scale_a=scale_a, scale_c=scale_c, ops=FloatOps)
-            r = rule(dot, sq_a, sq_c, clip_norm=clip_norm, rounding=rounding, sum_error=error, **sums)
-            if clip_norm is not None and ill_conditioned(r.cosine, r.projected):
-                unclipped = rule(dot, sq_a, sq_c, clip_norm=None, **sums)
-                norm = _explicit_norm([adv[m] for m in members], [cln[m] for m in members], unclipped, scale_a,
-                                      scale_c, reduction,
-                                      None if weights is None else [weights[start + m] for m in members])
-                r = rule(dot, sq_a, sq_c, clip_norm=clip_norm, rounding=rounding, exact_norm=norm, **sums)
-            rows.append(r)
-            rescued_rows.append(suspect[position])
-            # Rescued segments, and coefficients that float32 cannot hold (the fast combine
-            # rounds them to float32 for float32/bf16/fp16 gradients): combined in float64.
-            if suspect[position] or (
-                any(adv[m].dtype != torch.float64 for m in members)
-                and not (_fits_float32(r.adversarial) and _fits_float32(r.clean))
-            ):
-                exact.append((members, r, scale_c))
-            for m in members:
-                k_a[m], k_c[m] = r.adversarial, r.clean
-        if out is NO_OUTPUT:
-            continue
-        exact_members = {m for members, _, _ in exact for m in members}
-        plain = [m for m in range(stop - start) if m not in exact_members]
-        block_out: list[Tensor | None] = [None] * (stop - start)
-        if plain:
-            done = combine([adv[m] for m in plain], [cln[m] for m in plain], [k_a[m] for m in plain],
-                           [k_c[m] for m in plain], None if out is None else [out[start + m] for m in plain])
-            for m, r in zip(plain, done, strict=True):
-                block_out[m] = r
-        for members, r, scale_c in exact:
-            done = combine_exact([adv[m] for m in members], [cln[m] for m in members], r.adversarial,
-                                 r.clean_scaled, scale_c, None if out is None else [out[start + m] for m in members])
-            for m, t in zip(members, done, strict=True):
+            members.setdefault(segment_ids[start + m], []).append(m)
+        part = _Block(start, adversarial[start:stop], clean[start:stop], members,
+                      None if weights is None else weights[start:stop])
+        totals, suspect = _block_sums(part, reduction, floor)
+        coefficients = [
+            _segment_coefficients(part, segment, totals[position], suspect[position], reduction, clip_norm=clip_norm,
+                                  rounding=rounding, error=error)
+            for position, segment in enumerate(part.segments)
+        ]
+        found += coefficients
+        if out is not NO_OUTPUT:
+            results += _combine_block(part, coefficients, None if out is None else out[start:stop])
+    return results, _stats_from_floats([c.rule for c in found], [c.rescued for c in found])
+
+
+def _block_sums(part: _Block, reduction: Reduction, floor: float) -> tuple[list[list[float]], list[bool]]:
+    """Each segment's totals ``|a|^2, <a,c>, |c|^2`` (summed over the mesh when distributed) and
+    whether they may be inexact (out of range, or squares that underflowed to zero)."""
+    segments = part.segments
+    per_tensor = torch.stack(tensor_sums(part.adversarial, part.clean))  # |a|^2, <a,c>, |c|^2 per tensor
+    if getattr(reduction, "distributed", False):
+        position = {m: segments.index(s) for s, ms in part.members.items() for m in ms}  # in the block's order
+        local_ids = torch.tensor([position[m] for m in range(len(part.adversarial))])
+        per = _weighted(per_tensor.view(-1, 3).to(torch.float64), part.weights)
+        totals = reduction.segment_sums(per, local_ids.to(per.device), len(segments)).tolist()
+    else:
+        flat = per_tensor.tolist()
+        totals = [[sum(flat[3 * m + j] for m in part.members[s]) for j in range(3)] for s in segments]
+    suspect = [out_of_range(dot, sq_a, sq_c, floor) for sq_a, dot, sq_c in totals]
+    underflowed_to_zero(suspect, totals, [part.members[s] for s in segments], part.adversarial, part.clean, reduction)
+    return totals, suspect
+
+
+def _segment_coefficients(
+    part: _Block,
+    segment: int,
+    totals: list[float],
+    suspect: bool,
+    reduction: Reduction,
+    *,
+    clip_norm: float | None,
+    rounding: float,
+    error: float,
+) -> _Coefficients:
+    """The rule on one segment's floats, with the exact repairs a host read makes free: suspect
+    sums redone scaled in float64, an ill-conditioned projection clipped by its explicit norm."""
+    a, c, weights = part.tensors(segment)
+    sq_a, dot, sq_c = totals
+    scale_a = scale_c = 1.0
+    if suspect:
+        dot, sq_a, sq_c, scale_a, scale_c = scaled_sums(a, c, reduction=reduction, weights=weights)
+    r = rule(dot, sq_a, sq_c, scale_a=scale_a, scale_c=scale_c, clip_norm=clip_norm, rounding=rounding,
+             sum_error=error, ops=FloatOps)
+    if clip_norm is not None and ill_conditioned(r.cosine, r.projected):
+        unclipped = rule(dot, sq_a, sq_c, scale_a=scale_a, scale_c=scale_c, clip_norm=None, ops=FloatOps)
+        norm = _explicit_norm(a, c, unclipped, scale_a, scale_c, reduction, weights)
+        r = rule(dot, sq_a, sq_c, scale_a=scale_a, scale_c=scale_c, clip_norm=clip_norm, rounding=rounding,
+                 exact_norm=norm, ops=FloatOps)
+    # Rescued segments, and coefficients that float32 cannot hold (the fast combine rounds them
+    # to float32 for float32/bf16/fp16 gradients): combined in float64.
+    exact = suspect or (
+        any(t.dtype != torch.float64 for t in a) and not (_fits_float32(r.adversarial) and _fits_float32(r.clean))
+    )
+    return _Coefficients(segment, part.members[segment], r, scale_c, exact, suspect)
+
+
+def _combine_block(part: _Block, coefficients: list[_Coefficients], out: Sequence[Tensor] | None) -> list[Tensor]:
+    """The block's results: the fast multi-tensor combine, and float64 for the exact segments."""
+    block_out: list[Tensor | None] = [None] * len(part.adversarial)
+    plain = [(m, c.rule) for c in coefficients if not c.exact for m in c.members]
+    if plain:
+        positions = [m for m, _ in plain]
+        done = combine([part.adversarial[m] for m in positions], [part.clean[m] for m in positions],
+                       [r.adversarial for _, r in plain], [r.clean for _, r in plain],
+                       None if out is None else [out[m] for m in positions])
+        for m, t in zip(positions, done, strict=True):
+            block_out[m] = t
+    for c in coefficients:
+        if c.exact:
+            a, cl, _ = part.tensors(c.segment)
+            done = combine_exact(a, cl, c.rule.adversarial, c.rule.clean_scaled, c.scale_c,
+                                 None if out is None else [out[m] for m in c.members])
+            for m, t in zip(c.members, done, strict=True):
                 block_out[m] = t
-        results += block_out  # type: ignore[arg-type]
-    return results, _stats_from_floats(rows, rescued_rows)
+    return block_out  # type: ignore[return-value]
 
 
 _FLOAT32 = torch.finfo(torch.float32)

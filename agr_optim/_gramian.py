@@ -145,8 +145,8 @@ def underflowed_to_zero(
         return
     flags = []
     for i in zero:
-        tensors = [adv[m] for m in members[i]] if totals[i][0] == 0.0 else []
-        tensors += [cln[m] for m in members[i] if cln[m] is not None] if totals[i][2] == 0.0 else []
+        tensors: list[Tensor] = [adv[m] for m in members[i]] if totals[i][0] == 0.0 else []
+        tensors += [c for m in members[i] if (c := cln[m]) is not None] if totals[i][2] == 0.0 else []
         flags.append(any(bool(t.any()) for t in tensors))
     if getattr(reduction, "distributed", False):  # the same decision on every rank
         device = adv[0].device

@@ -327,7 +327,7 @@ def validate_writable(adversarial: Sequence[Tensor], clean: Sequence[Tensor | No
                 )
             start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
             extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-            spans.append((start, start + (extent + 1) * t.element_size(), f"{name}[{i}]"))
+            spans.append((int(start), int(start + (extent + 1) * t.element_size()), f"{name}[{i}]"))
     spans.sort()
     active: list[tuple[int, str]] = []  # (end, name) of the spans that reach past the current start
     for start, end, name in spans:

@@ -48,7 +48,7 @@ def weight_perturbation(model: nn.Module, x_adv: Tensor, y: Tensor, *, gamma: fl
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    perturbation = {}
+    perturbation: dict[Tensor, Tensor] = {}
     with torch.no_grad():
         for w, g in zip(weights, grads, strict=True):
             if g is not None:
