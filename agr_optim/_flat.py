@@ -98,7 +98,8 @@ class Bucket:
     chunk: int
     num_chunks: int
     _pads: Tensor | None = field(default=None, repr=False)
-    _spans: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    _spans: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (piece, size) of each pad
+    _split: list[int] = field(default_factory=list, repr=False)
     _pad_sources: list[Tensor] = field(default_factory=list, repr=False)
     _maps: dict[tuple[int, ...], SegmentMaps] = field(default_factory=dict, repr=False)
 
@@ -122,24 +123,27 @@ class Bucket:
 
     def views(self, row: Tensor) -> list[Tensor]:
         """Each member's region of ``row``, shaped and strided like its gradient."""
-        return [row.as_strided(s, st, o) for s, st, o in zip(self.shapes, self.strides, self.offsets, strict=True)]
+        return self.pieces(row)[0]
 
-    def padding(self, row: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """The padding regions of ``row`` and as many zero tensors to copy into them (views of
-        one cached zero chunk): the gather's copy zeroes the padding in the same kernels."""
+    def pieces(self, row: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``row`` cut by one ``split``: each member's region (shaped and strided like its
+        gradient), the non-empty padding regions, and as many zero tensors to copy into them
+        (views of one cached zero chunk: the gather zeroes the padding in its own kernels)."""
         if self._pads is None:
-            zeros = torch.zeros(self.chunk, dtype=self.row_dtype, device=self.device)
-            spans = []
+            sizes = []
             for position, numel in enumerate(self.numels):
-                end = self.offsets[position] + numel
-                pad = len(self.chunks_of(position)) * self.chunk - numel
-                if pad:
-                    spans.append((end, pad))
-            spans.append((self.num_chunks * self.chunk, self.chunk))
+                sizes += [numel, len(self.chunks_of(position)) * self.chunk - numel]
+            sizes.append(self.chunk)  # the final chunk, all padding
+            zeros = torch.zeros(self.chunk, dtype=self.row_dtype, device=self.device)
+            pads = [*range(1, len(sizes) - 1, 2), len(sizes) - 1]  # after each member, and the last chunk
+            self._spans = [(i, sizes[i]) for i in pads if sizes[i]]
+            self._split = sizes
+            self._pad_sources = [zeros[:size] for _, size in self._spans]
             self._pads = zeros
-            self._spans = spans
-            self._pad_sources = [zeros[:pad] for _, pad in spans]
-        return [row[start : start + pad] for start, pad in self._spans], self._pad_sources
+        parts = row.split_with_sizes(self._split)
+        members = [parts[2 * i].as_strided(shape, stride) for i, (shape, stride) in enumerate(zip(
+            self.shapes, self.strides, strict=True))]
+        return members, [parts[i] for i, _ in self._spans], self._pad_sources
 
     def matrix(self, row: Tensor) -> Tensor:
         """``row`` as ``[K + 1, B]``: one chunk per row, the last all padding."""
@@ -196,22 +200,30 @@ class Layout:
     def gather(self, tensors: Sequence[Tensor | None], *, add_to: list[Tensor] | None = None) -> list[Tensor]:
         """One row per bucket holding ``tensors`` (``None``: zeros), by one multi-tensor copy per
         bucket; with ``add_to`` (rows of this layout), added into those instead."""
+        return self.gather_views(tensors, add_to=add_to)[0]
+
+    def gather_views(
+        self, tensors: Sequence[Tensor | None], *, add_to: list[Tensor] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`gather`, and every tensor's region of the rows (as :meth:`views`)."""
         rows = []
+        out: list[Tensor | None] = [None] * self.size
         for index, bucket in enumerate(self.buckets):
             row = bucket.new_row() if add_to is None else add_to[index]
-            views = bucket.views(row)
+            views, pads, zeros = bucket.pieces(row)
             targets = [v for v, m in zip(views, bucket.members, strict=True) if tensors[m] is not None]
             sources = [tensors[m] for m in bucket.members if tensors[m] is not None]
             missing = [v for v, m in zip(views, bucket.members, strict=True) if tensors[m] is None]
             if add_to is None:
-                pads, zeros = bucket.padding(row)
                 torch._foreach_copy_([*targets, *pads], [*sources, *zeros])  # type: ignore[list-item]
                 if missing:
                     torch._foreach_zero_(missing)
             elif targets:
                 torch._foreach_add_(targets, sources)  # type: ignore[arg-type]
             rows.append(row)
-        return rows
+            for member, view in zip(bucket.members, views, strict=True):
+                out[member] = view
+        return rows, out  # type: ignore[return-value]
 
     def views(self, rows: Sequence[Tensor]) -> list[Tensor]:
         """Every tensor's region of ``rows``, in list order."""

@@ -537,7 +537,10 @@ class AGROptimizer(Optimizer):
         per kind), reconstructed in the adversarial rows, whose views become the ``.grad``."""
         layout = layout_for(plan.params)
         rows = {kind: self._stash.rows_for(kind, plan.params) for kind in KINDS}
-        a_rows = rows["adversarial"] or layout.gather(plan.adversarial)
+        a_views = plan.adversarial  # the stash's views when its rows are used
+        a_rows = rows["adversarial"]
+        if a_rows is None:
+            a_rows, a_views = layout.gather_views(plan.adversarial)
         c_rows = rows["clean"] or layout.gather(plan.clean)
         clip = None if self._clip_norm is None or self._clip_norm == float("inf") else float(self._clip_norm)
         run = reconstruct_rows_compiled if plan.implementation == "compiled" else reconstruct_rows
@@ -547,7 +550,9 @@ class AGROptimizer(Optimizer):
             return stats, plan.grads
         stats = run(layout, a_rows, c_rows, segment_ids=plan.segment_ids, num_segments=plan.num_segments,
                     clip_norm=clip)
-        new = dict(zip(plan.params, layout.views(result_rows(layout, a_rows)), strict=True))
+        results = result_rows(layout, a_rows)
+        views = a_views if all(r is a for r, a in zip(results, a_rows, strict=True)) else layout.views(results)
+        new = dict(zip(plan.params, views, strict=True))
         return stats, [(p, g if g is None else new[p]) for p, g in plan.grads]
 
     def _sources(self) -> tuple[Callable[[Tensor], Tensor | None], Callable[[Tensor], Tensor | None]]:

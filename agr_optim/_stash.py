@@ -159,9 +159,9 @@ class Stash:
         grads: list[Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
         if rows and not record.tensors:
             layout = layout_for(with_grad)
-            stored = layout.gather(grads)
+            stored, views = layout.gather_views(grads)
             record.rows = Rows(layout, tuple(with_grad), stored)
-            record.tensors = dict(zip(with_grad, layout.views(stored), strict=True))
+            record.tensors = dict(zip(with_grad, views, strict=True))
         elif record.rows is not None and self.rows_for(kind, with_grad) is not None:
             record.rows.layout.gather(grads, add_to=record.rows.rows)  # the same parameters: one add
         else:
