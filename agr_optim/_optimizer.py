@@ -310,8 +310,25 @@ class AGROptimizer(Optimizer):
 
     @property
     def step_count(self) -> int:
-        """Steps applied so far (saved and restored by the state dict)."""
+        """Steps applied so far (saved and restored by the state dict).
+
+        Assignable (an integer >= 0; a refused value changes nothing): a run that trained with a
+        plain optimizer and continues with AGR sets it to the steps done, so that the warm start
+        (``start_step``) counts from the run's beginning (see "Switching AGR on mid-run" in
+        :doc:`/tutorials/index`).
+        """
         return self._agr()._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        validate_count(value, "step_count")
+        agr = self._agr()
+        if agr._stash:
+            raise RuntimeError(
+                "step_count cannot change while a gradient is stashed (the step it belongs to would change "
+                "between warm start and AGR); set it before the first backward pass of a step, or after step()"
+            )
+        agr._step_count = int(value)
 
     @property
     def has_stash(self) -> bool:
@@ -356,6 +373,70 @@ class AGROptimizer(Optimizer):
         stash of a micro-batch under gradient accumulation)."""
         self._agr()._take_stash("adversarial")
 
+    def backward(self, *, clean: Tensor | None, adversarial: Tensor) -> None:
+        """Both backward passes in one call: the clean and the adversarial gradient of the two
+        losses, stashed for :meth:`step` (the two-pass protocol, done by autograd).
+
+        ``.grad`` is neither read nor left holding anything: whatever the training code did to it
+        before (a loss function that calls ``zero_grad()`` or ``backward()`` inside) does not
+        enter either gradient, and it is ``None`` afterwards, until :meth:`step` sets the update.
+        The two losses may share a forward pass (TRADES and MART take the clean logits into the
+        adversarial objective): the shared part of the graph is kept for the second pass and
+        freed by it, with no ``retain_graph`` to pass. Several calls before one :meth:`step`
+        accumulate, like micro-batches (each loss already divided by their number, as for
+        ``loss.backward()``). Under ``GradScaler`` pass the scaled losses
+        (``scaler.scale(loss)``) and step with ``scaler.step(opt)``.
+
+        ``clean=None`` (the warm start without a clean pass) is ``adversarial.backward()``: the
+        step then uses ``.grad``, as in the two-pass protocol.
+
+        Example:
+            >>> import torch
+            >>> from agr_optim import AGROptimizer
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> x, x_adv, y = torch.randn(8, 3), torch.randn(8, 3), torch.randn(8, 1)
+            >>> logits = model(x)  # shared by both objectives
+            >>> loss_c = torch.nn.functional.mse_loss(logits, y)
+            >>> loss_a = torch.nn.functional.mse_loss(model(x_adv), logits.detach()) + loss_c
+            >>> opt.backward(clean=loss_c, adversarial=loss_a)
+            >>> opt.step()
+            >>> opt.step_count
+            1
+        """
+        agr = self._agr()
+        for name, loss in (("clean", clean), ("adversarial", adversarial)):
+            if loss is None and name == "clean":
+                continue
+            if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                got = (type(loss).__name__ if not isinstance(loss, Tensor)
+                       else f"shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}")
+                raise ValueError(f"backward(): {name} must be a scalar loss tensor that requires grad (got {got})")
+        agr._stash.refuse_if_interrupted("backward()")
+        if clean is None:
+            adversarial.backward()
+            return
+        if agr._stash.passes.get("clean", 0) != agr._stash.passes.get("adversarial", 0):
+            raise RuntimeError(
+                "backward() found only one kind of gradient stashed (a stash_clean() or stash_adversarial() "
+                "without its partner): finish that step, or call zero_grad(). Nothing was changed"
+            )
+        params = agr._unique_params()
+        set_aside = [p.grad for p in params]
+        for p in params:
+            p.grad = None  # what the training code left in .grad is not part of either gradient
+        try:
+            clean.backward(retain_graph=_shares_graph(clean, adversarial))
+            if any(p.grad is not None for p in params):
+                agr._take_stash("clean")
+            adversarial.backward()
+            if any(p.grad is not None for p in params):
+                agr._take_stash("adversarial")
+        except BaseException:
+            for p, g in zip(params, set_aside, strict=True):
+                p.grad = g
+            raise
+
     def _take_stash(self, kind: str) -> None:
         params = self._unique_params()
         # Rows for the accelerator schedule; bf16/fp16 gradients stay tensors (their rows are
@@ -394,7 +475,7 @@ class AGROptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients through the inner optimizer, and drop any stash."""
         agr = self._agr()
-        agr._stash.drop()
+        agr._stash.drop(by_zero_grad=True)
         agr._stash.interrupted = None
         agr._optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -567,7 +648,8 @@ class AGROptimizer(Optimizer):
                     "AGROptimizer.step() found no stashed gradient: AGR is active (step "
                     f"{self._step_count} >= start_step {self._start_step}) and needs the clean gradient "
                     "stashed with stash_clean() (or the adversarial one with stash_adversarial()) "
-                    "between the two backward passes"
+                    "between the two backward passes, or both passed to opt.backward(clean=..., adversarial=...)."
+                    + self._stash.dropped_note()
                 )
             return current, nothing  # warm start, adversarial pass only
         if len(kinds) == 1:
@@ -684,6 +766,23 @@ class AGROptimizer(Optimizer):
 
 #: The getters a wrapper around the wrapper forwards ``param_groups`` through (see _amp.py).
 _FORWARDING_CODE = (AGROptimizer.param_groups.fget.__code__,)  # type: ignore[attr-defined]
+
+
+def _shares_graph(first: Tensor, second: Tensor) -> bool:
+    """Whether ``second``'s autograd graph uses a node of ``first``'s other than the parameters'
+    accumulators (a shared forward pass): then ``first``'s backward must keep its graph."""
+    def nodes(root: Tensor) -> set[object]:
+        seen: set[object] = set()
+        stack = [root.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
+                continue
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return seen
+
+    return not nodes(first).isdisjoint(nodes(second))
 
 
 def _requires_closure(optimizer: Optimizer) -> bool:

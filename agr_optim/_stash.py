@@ -64,6 +64,7 @@ class Stash:
         self.version = 0  # bumped by every change: GradScaler's view of the stash is keyed on it
         self.scaler_view: object | None = None  # _amp.ScalerView of the current stash
         self.interrupted: str | None = None  # why step() and the stash are refused until zero_grad()
+        self.dropped: tuple[str, ...] = ()  # the kinds the last zero_grad() dropped (for step()'s message)
 
     # ------------------------------------------------------------------ reading
     def __bool__(self) -> bool:
@@ -114,9 +115,24 @@ class Stash:
                     )
 
     # ------------------------------------------------------------------ writing
-    def drop(self) -> None:
+    def drop(self, *, by_zero_grad: bool = False) -> None:
+        """Forget the stash; ``by_zero_grad``: remember what was dropped, so that a ``step()``
+        missing it can say where it went."""
+        self.dropped = tuple(self.kinds) if by_zero_grad else ()
         self.kinds, self.passes, self.scaler_view = {}, {}, None
         self.version += 1
+
+    def dropped_note(self) -> str:
+        """What the last ``zero_grad()`` dropped, as a sentence for a refusal ('' if nothing)."""
+        if not self.dropped:
+            return ""
+        kinds = " and ".join(f"stash_{kind}()" for kind in self.dropped)
+        return (
+            f" A gradient was stashed ({kinds}) and then dropped by zero_grad(), which forgets the stash: "
+            "call zero_grad() before the first backward pass of the step only (reference loss functions such as "
+            "MART's and TRADES' call optimizer.zero_grad() inside: give them the inner optimizer, opt.optimizer, "
+            "or use opt.backward(clean=..., adversarial=...) after them)."
+        )
 
     def take(self, kind: str, params: Sequence[Tensor], *, rows: bool) -> None:
         """Move every ``p.grad`` of ``params`` into ``kind``'s stash (added to what is there) and
@@ -181,3 +197,4 @@ class Stash:
         self.kinds[kind] = record
         self.passes[kind] = self.passes.get(kind, 0) + 1
         self.version += 1
+        self.dropped = ()
