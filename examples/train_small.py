@@ -1,6 +1,6 @@
 """Adversarial training of a small MLP on scikit-learn's digits with AGR, in seconds on a CPU.
 
-    python3 examples/train_small.py               # 10 epochs, AGR from epoch 4 (seconds)
+    python3 examples/train_small.py               # 10 epochs (0-9), AGR from epoch 3 (seconds)
     python3 examples/train_small.py --epochs 2    # a quick look
 
 Each step crafts PGD adversarial examples, then follows the AGROptimizer protocol: clean
@@ -8,7 +8,8 @@ backward, ``stash_clean()``, adversarial backward, ``step()``. The first ``--war
 epochs train on the adversarial gradient alone (``start_step``), as in the paper. AGR clips
 each reconstructed tensor gradient to norm 0.1, the paper's setting (``--clip-norm``). Every AGR
 epoch prints the epoch's mean AGR statistics (``agr_optim.StatsAccumulator``: cosine, projection
-rate, clip rate); at the end it prints clean and PGD accuracy on the held-out split.
+rate, clip rate) and the clean accuracy on the held-out (test) split; at the end, the test split's
+clean and PGD accuracy. Epochs count from 0, as in ``agr-train``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             opt.step()
             scheduler.step()
             stats.update(opt)  # on the device; skipped in the warm start (no clean pass, no statistics)
-        line = f"epoch {epoch + 1}/{args.epochs} ({phase}): clean accuracy {accuracy(model, x_test, y_test):.3f}"
+        line = (f"epoch {epoch}/{args.epochs - 1} ({phase}): test clean accuracy "
+                f"{accuracy(model, x_test, y_test):.3f}")
         if stats.steps:
             logs = stats.compute()
             line += (f"; AGR: mean cosine {logs['cosine']:+.3f}, projection rate {logs['projection_rate']:.2f}, "

@@ -14,13 +14,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_small.py"
 
 @pytest.mark.slow
 def test_train_small_runs_learns_and_clips() -> None:
-    # The default run, as the README gives it: 10 epochs, AGR from epoch 4, clip 0.1 (the paper's).
+    # The default run, as the README gives it: 10 epochs (0-based), AGR from epoch 3, clip 0.1 (the paper's).
     run = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert [line.split(":")[0] for line in lines[:10]] == [
-        f"epoch {e}/10 ({'warm start' if e <= 3 else 'AGR'})" for e in range(1, 11)
+        f"epoch {e}/9 ({'warm start' if e < 3 else 'AGR'})" for e in range(10)
     ], run.stdout
+    assert all(": test clean accuracy " in line for line in lines[:10]), run.stdout  # says which split
     assert all("AGR:" not in line for line in lines[:3]), run.stdout  # no clean pass, no statistics
     clip_rates = [float(m.group(1)) for m in re.finditer(r"clip rate ([0-9.]+)", run.stdout)]
     projection_rates = [float(m.group(1)) for m in re.finditer(r"projection rate ([0-9.]+)", run.stdout)]
