@@ -999,8 +999,10 @@ def _save_epoch(trainer: Trainer, checkpoints: run_folder.Checkpoints, saved: _S
     metrics and the summary: a kill anywhere leaves a folder that resumes (tests/test_run_folder.py)."""
     settings = {k: v for k, v in trainer.cfg.to_json().items() if k != "out"}  # a folder may be moved
     state = {**trainer.state_dict(), "config": settings}
-    checkpoints.save(state, trainer.epoch - 1, _best_checkpoint(trainer, state))
-    saved.epoch = trainer.epoch - 1
+    try:
+        checkpoints.save(state, trainer.epoch - 1, _best_checkpoint(trainer, state))
+    finally:  # what checkpoint_last.pt holds now, also when writing the best one failed
+        saved.epoch = checkpoints.recorded_epoch(run_folder.CHECKPOINT_LAST)
     write_text(os.path.join(trainer.cfg.out, "metrics.csv"), metrics_csv(trainer.metrics))
     write_json(os.path.join(trainer.cfg.out, "summary.json"), _summary(trainer, None))
 
@@ -1032,12 +1034,14 @@ class RunStopped(RuntimeError):
 class _Saved:
     """How far the run's folder goes, for the message when the run stops early."""
 
-    def __init__(self, out: str) -> None:
-        self.out, self.started = out, False
+    def __init__(self, out: str, resume: bool) -> None:
+        self.out, self.resume, self.started = out, resume, False
         self.epoch: int | None = None  # the last 0-based epoch in checkpoint_last.pt
 
     def where(self) -> str:
         out, command = self.out, f"agr-train --out {shlex.quote(self.out)} --resume"
+        if not self.started and self.resume:
+            return f"{out} is as it was: run the same command again"
         if not self.started:
             return f"nothing of the run was written to {out}: run the same command again"
         if self.epoch is None:
@@ -1175,7 +1179,7 @@ def train(
     if problem:
         raise ConfigError(f"cannot write to --out {cfg.out!r}: {problem}")
     run_folder.arm_fault_hook()
-    saved = _Saved(cfg.out)
+    saved = _Saved(cfg.out, resume)
     try:
         return _run(cfg, resume, sources or {}, on_epoch, log, saved)
     except KeyboardInterrupt:

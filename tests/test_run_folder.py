@@ -433,21 +433,56 @@ def _stopped_run_resumes(out: Path, reference: Path, capsys) -> None:
 
 
 @pytest.mark.slow
+def _no_space_at(n: int, out: Path, argv: list, capsys, monkeypatch) -> int:
+    """Run ``argv`` (a run in ``out``) with its N-th file operation failing with ENOSPC; the exit
+    status. The one line must say truly which epochs checkpoint_last.pt holds."""
+    monkeypatch.setenv("AGR_TRAIN_FAULT", f"enospc:{n}")
+    code, _, stderr = run([*argv, "--out", out], capsys)
+    monkeypatch.delenv("AGR_TRAIN_FAULT")
+    if code == 0:
+        return code
+    assert code == 4 and f"no space left on device while writing {out}/" in one_line(stderr), (n, stderr)
+    last = out / "checkpoint_last.pt"
+    held = torch.load(last, weights_only=True)["epoch"] - 1 if last.exists() else None
+    if "is as it was" not in stderr:  # (a --resume stopped before it read the folder)
+        if held is None:
+            assert "no epoch was saved yet" in stderr or "nothing of the run was written" in stderr, stderr
+        else:
+            assert ("epoch 0 is saved" if held == 0 else f"epochs 0..{held} are saved") in stderr, stderr
+    return code
+
+
+@pytest.mark.slow
 def test_no_space_at_every_file_operation(reference, tmp_path, capsys, monkeypatch):
     """Done means (issue 14): a run whose N-th file operation fails with ENOSPC, for every N,
-    stops with one line naming the file (exit 4), and then resumes to the uninterrupted run."""
-    n = 0
+    stops with one line naming the file (exit 4), and then resumes to the uninterrupted run.
+    Where the stop left checkpoint_best.pt missing or an epoch behind (between the two renames),
+    the resume that repairs it is stopped at each of its own file operations too."""
+    n, behind = 0, 0
     while True:
         n += 1
         out = tmp_path / f"enospc{n}"
-        monkeypatch.setenv("AGR_TRAIN_FAULT", f"enospc:{n}")
-        code, _, stderr = run([*TINY, "--out", out], capsys)
-        monkeypatch.delenv("AGR_TRAIN_FAULT")
-        if code == 0:  # N beyond the run's last file operation
-            break
-        assert code == 4 and f"no space left on device while writing {out}/" in one_line(stderr), (n, stderr)
+        if _no_space_at(n, out, TINY, capsys, monkeypatch) == 0:
+            break  # N beyond the run's last file operation
+        best_behind = (out / "checkpoint_last.pt").exists() and (
+            not (out / "checkpoint_best.pt").exists()
+            or torch.load(out / "checkpoint_last.pt", weights_only=True)["best"]["epoch"]
+            != torch.load(out / "checkpoint_best.pt", weights_only=True)["epoch"]
+        )
+        if best_behind:
+            behind += 1
+            m = 0
+            while True:
+                m += 1
+                twice = tmp_path / f"enospc{n}_{m}"
+                subprocess.run(["cp", "-r", str(out), str(twice)], check=True)
+                if _no_space_at(m, twice, ["--resume"], capsys, monkeypatch) == 0:
+                    break
+                _stopped_run_resumes(twice, reference, capsys)
+            assert m > 5
         _stopped_run_resumes(out, reference, capsys)
     assert n > 20  # lock, config, 2 epochs x (2 checkpoints, link, checksums, metrics, summary), end
+    assert behind == 2  # after each epoch's last rename: the repair was reached, and stopped everywhere
 
 
 _KILLER = textwrap.dedent(
