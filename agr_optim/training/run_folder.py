@@ -371,6 +371,10 @@ def lock_folder(folder: str) -> Iterator[str | None]:
 
 
 # ---------------------------------------------------------------------- checksummed checkpoints
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class Checkpoints:
     """``checkpoint_last.pt``, ``checkpoint_prev.pt`` and ``checkpoint_best.pt`` of one folder,
     each read only when its SHA-256 is one that ``checksums.json`` records, and then with
@@ -547,7 +551,7 @@ class Checkpoints:
     def _link(self, source: str, name: str) -> None:
         """``name`` := the current ``source`` (a hard link; a copy where links are not supported)."""
         src, path = self.path(source), self.path(name)
-        if os.path.exists(path) and os.path.samefile(src, path):
+        if os.path.lexists(path) and _same_inode(os.lstat(path), os.stat(src)):
             # Already linked (a run stopped after the link): rename() of two links to one file
             # would do nothing and leave the temporary name behind.
             return
