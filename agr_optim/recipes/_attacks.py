@@ -47,6 +47,25 @@ class PGD:
             :math:`0.001\cdot\mathcal N(0, 1)` as in the TRADES code (the KL has zero gradient at
             :math:`x' = x`, so the start must differ from :math:`x`), or ``"none"``.
         bounds: the data range ``(lo, hi)`` that adversarial inputs are clamped to.
+        authors: ``True``: ``attack.PGD`` of the AGR authors' code (RUIYUN-ML/AGR) exactly, for
+            comparisons with the paper's tables (:doc:`/reproducing`). It departs
+            from the default in one way that matters: the iterates are *not* clamped to the data
+            range. Their loop reads
+
+            .. code-block:: python
+
+                image_adv = image_adv + self.alpha * g
+                delta = (image_adv - image).clamp_(min=-self.eps, max=self.eps).detach()
+                image_adv = image + delta
+                image_adv.clamp(0., 1.).detach_()   # clamps a copy, which is thrown away
+
+            so the model is attacked, and its gradient taken, at points outside [0, 1] near the
+            edges of the range, and only the returned point ``(image + delta).clamp(0, 1)`` is in
+            range (the random start is clamped too). Two rounding-level details follow their
+            code as well: the projection acts on :math:`\delta = x_t - x` (then :math:`x + \delta`)
+            rather than on :math:`x_t`, and the attack loss is the *mean* cross-entropy (its sign
+            gradient is that of the sum). Only ``loss="ce"`` with ``random_start="uniform"``
+            (their ``random_start=True``) or ``"none"`` exists there; other settings are refused.
 
     The model is put in eval mode for the attack (batch-norm statistics untouched, dropout off)
     and every submodule's mode is restored afterwards, also on error. Gradients are taken with
@@ -71,6 +90,7 @@ class PGD:
         loss: str = "ce",
         random_start: str = "uniform",
         bounds: tuple[float, float] = (0.0, 1.0),
+        authors: bool = False,
     ) -> None:
         if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
@@ -85,24 +105,34 @@ class PGD:
         lo, hi = bounds
         if not lo < hi:
             raise ValueError(f"Invalid bounds: {bounds!r}; expected (lo, hi) with lo < hi")
+        if not isinstance(authors, bool):
+            raise TypeError(f"authors must be True or False, got {authors!r}")
+        if authors and (loss != "ce" or random_start == "normal"):
+            raise ValueError(
+                f"PGD(authors=True) is the AGR code's attack.PGD: cross-entropy with a uniform start or none; "
+                f"got loss={loss!r}, random_start={random_start!r}"
+            )
         self.eps: float = float(eps)
         self.alpha: float = float(alpha)
         self.steps: int = int(steps)
         self.loss: str = loss
         self.random_start: str = random_start
         self.bounds: tuple[float, float] = (float(lo), float(hi))
+        self.authors: bool = authors
 
     def __repr__(self) -> str:
         return (
             f"PGD(eps={self.eps:.4g}, alpha={self.alpha:.4g}, steps={self.steps}, loss={self.loss!r}, "
-            f"random_start={self.random_start!r}, bounds={self.bounds})"
+            f"random_start={self.random_start!r}, bounds={self.bounds}"
+            + (", authors=True)" if self.authors else ")")
         )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         modes = [(module, module.training) for module in model.modules()]
         model.eval()
         try:
-            return self._attack(model, x.detach(), y)
+            attack = self._attack_authors if self.authors else self._attack
+            return attack(model, x.detach(), y)
         finally:
             for module, training in modes:
                 module.training = training
@@ -132,6 +162,24 @@ class PGD:
                 (grad,) = torch.autograd.grad(objective, x_adv)
             x_adv = self._project(x_adv.detach() + self.alpha * grad.sign(), x, lo, hi)
         return x_adv.detach()
+
+    def _attack_authors(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """``attack.PGD.forward`` of RUIYUN-ML/AGR, operation for operation (see ``authors``)."""
+        lo, hi = self.bounds
+        x_adv = x.clone()
+        if self.random_start == "uniform":
+            x_adv = torch.clamp(x_adv + torch.empty_like(x_adv).uniform_(-self.eps, self.eps), lo, hi)
+        if self.steps == 0:  # their loop sets delta, so they cannot run 0 steps: the start
+            return x_adv
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x_adv), y)
+                (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + self.alpha * grad.sign()
+            delta = (x_adv - x).clamp_(-self.eps, self.eps)
+            x_adv = x + delta  # not clamped to [lo, hi]: their clamp(0., 1.).detach_() is discarded
+        return (x + delta).clamp(lo, hi)
 
     def _project(self, x_adv: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
         return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp_(lo, hi)

@@ -73,3 +73,42 @@ def perturbed_weights(perturbation: dict[Tensor, Tensor]) -> Iterator[None]:
         with torch.no_grad():
             for p, w in saved:
                 p.copy_(w)
+
+
+#: The AGR code's ``--lr_proxy`` default: the step of its proxy optimizer. It cancels in the
+#: normalised perturbation and matters to rounding only.
+AUTHORS_PROXY_LR = 0.01
+
+
+def weight_perturbation_authors(
+    model: nn.Module, x_adv: Tensor, y: Tensor, *, gamma: float
+) -> list[tuple[Tensor, Tensor]]:
+    r"""The perturbation of ``awp.py`` of RUIYUN-ML/AGR, operation for operation, for ``awp_step(authors=True)``.
+
+    Their ``calc_awp`` copies the model into a proxy, takes one SGD step of the proxy (learning
+    rate :data:`AUTHORS_PROXY_LR`) on :math:`-\mathrm{CE}(f(x'), y)` in train mode, and
+    ``diff_in_weights`` turns the move :math:`d = (w + \eta g) - w` of every state-dict entry
+    with more than one dimension and ``"weight"`` in its name into
+    :math:`\lVert w\rVert / (\lVert d\rVert + 10^{-20})\, d`; ``perturb`` adds :math:`\gamma`
+    times that. The same :math:`v` as :func:`weight_perturbation` up to rounding (and the
+    :math:`10^{-20}`, which guards :math:`\lVert d\rVert` here), for parameters named ``*weight*``.
+    Here the proxy's gradient is the model's own (``torch.autograd.grad``, ``.grad`` untouched),
+    with copies of its buffers for the forward pass to update (the proxy's), so the model's are
+    not written to: a graph already built on them (the clean pass) stays valid.
+    Returns ``[(parameter, v)]``.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    proxy_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    with torch.enable_grad():
+        loss = -F.cross_entropy(torch.func.functional_call(model, proxy_buffers, (x_adv,), strict=False), y)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    perturbation: list[tuple[Tensor, Tensor]] = []
+    with torch.no_grad():
+        for (name, w), g in zip(named, grads, strict=True):
+            if w.dim() <= 1 or "weight" not in name or g is None:
+                continue  # the proxy's SGD skips a None gradient: d = 0, so v = 0
+            old = w.detach()
+            new = old.clone().add_(g, alpha=-AUTHORS_PROXY_LR)  # torch.optim.SGD's param.add_(grad, alpha=-lr)
+            d = new - old
+            perturbation.append((w, gamma * (old.norm() / (d.norm() + _EPS) * d)))
+    return perturbation

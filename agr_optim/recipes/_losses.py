@@ -60,3 +60,23 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, *, beta: floa
     true_probs = clean_probs.gather(1, y.unsqueeze(1)).squeeze(1)
     kl = F.kl_div(torch.log(adv_probs + 1e-12), clean_probs, reduction="none").sum(dim=1)
     return boosted_ce + beta * (kl * (1.0000001 - true_probs)).sum() / batch_size
+
+
+def mart_loss_authors(logits: Tensor, logits_adv: Tensor, y: Tensor, *, beta: float = 6.0) -> Tensor:
+    """:func:`mart_loss` with the AGR code's arithmetic, for ``mart_step(authors=True)``.
+
+    ``mart_loss`` of their ``mart.py`` returns ``loss_adv, beta * loss_robust`` with
+    ``loss_robust = (1.0 / batch_size) * sum(...)`` and ``train.py`` adds them as
+    ``loss_mart + loss_adv``: the same value as :func:`mart_loss` up to the rounding of the robust
+    term (``(1/B) * S`` there, ``S / B`` here), kept so that the authors' step is bit for bit theirs.
+    """
+    batch_size = len(logits)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1).long()).squeeze()
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none")
+    loss_robust = (1.0 / batch_size) * torch.sum(torch.sum(kl, dim=1) * (1.0000001 - true_probs))
+    return beta * loss_robust + loss_adv
