@@ -31,6 +31,15 @@ CLIP = 0.1  # their --clip_norm
 MIX_SEED = 21
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread (two spinning OpenMP threads on a busy machine made each op ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_net(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(
