@@ -20,7 +20,10 @@ import sys
 
 import torch
 
-VARIANTS = ("plain", "agr_fused", "agr_loop", "per_layer_reference")
+VARIANTS = ("plain", "agr_fused", "agr_device", "agr_loop", "per_layer_reference")
+#: The ``fused`` setting of each AGR variant: ``agr_device`` is the accelerator schedule (flat
+#: rows) forced on the CPU, whose allocations are those it makes on a GPU.
+FUSED: dict[str, bool | str] = {"agr_fused": True, "agr_device": "device", "agr_loop": False}
 
 
 def _peak_rss_bytes() -> int:
@@ -48,7 +51,7 @@ def _train(model_name: str, variant: str, steps: int, batch: int, device: str = 
     params = [p for p in model.parameters()]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     sgd = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
-    opt = AGROptimizer(sgd, clip_norm=0.1, fused=(variant == "agr_fused")) if variant.startswith("agr") else sgd
+    opt = AGROptimizer(sgd, clip_norm=0.1, fused=FUSED[variant]) if variant in FUSED else sgd
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)

@@ -92,3 +92,12 @@ def build_model(name: str, device: str | torch.device = "cpu") -> nn.Module:
 def parameter_shapes(name: str) -> list[tuple[int, ...]]:
     """The shapes of the model's parameters, in ``model.parameters()`` order."""
     return [tuple(p.shape) for p in build_model(name, "meta").parameters()]
+
+
+def narrow_shapes(name: str) -> list[tuple[int, ...]]:
+    """The model's parameter tensors at a small width (the same architecture, far fewer
+    elements): for counts that depend on the tensors, not their sizes. WideResNet-34 at width 1
+    has one tensor fewer than at width 10 (its first block needs no shortcut convolution)."""
+    if name.startswith("wideresnet34"):
+        return [tuple(p.shape) for p in WideResNet(34, 1).to("meta").parameters()]
+    return parameter_shapes("preactresnet18_w16")

@@ -32,6 +32,14 @@ the row of one repeat alike, so the paired ratio is steadier than a ratio of med
   only). Both project globally (one segment), AGR per tensor.
 - compiled: ``reconstruct_(..., fused="compile")`` and ``AGROptimizer(SGD, fused="compile")``
   once compiled (the overhead row like the eager one); compile times reported separately.
+
+Beside the times, ``ops_per_step`` (on CPU): the ATen operations one optimizer iteration
+dispatches (``benchmarks/_step_ops.py``): the plain foreach SGD step's, and AGR's own beyond it
+(``zero_grad()`` + ``stash_clean()`` + ``step()`` less SGD's ``zero_grad()`` + ``step()``) for the
+accelerator schedule (``fused="device"``, counted on CPU: its dispatch is the same on a GPU) and
+the host schedule (``fused=True`` on CPU): kernels, CUDA launches, views, allocations, host
+syncs, bytes read and written; the accelerator schedule's kernels and syncs at every granularity;
+and the H200 time those counts predict.
 """
 
 from __future__ import annotations
@@ -52,11 +60,13 @@ import torch
 from agr_optim import AGROptimizer
 from agr_optim import functional as F
 
-from . import _memory
+from . import _memory, _step_ops
 from ._reference import paper_script_reconstruct, per_layer_reconstruct
-from ._shapes import MODELS, parameter_shapes
+from ._shapes import MODELS, narrow_shapes, parameter_shapes
 
-SCHEMA_VERSION = 2  # 2: ratios are medians of per-repeat paired ratios, with quartiles
+#: 2: ratios are medians of per-repeat paired ratios, with quartiles; 3: ``ops_per_step``
+SCHEMA_VERSION = 3
+GRANULARITIES = ("tensor", "group", "global")
 CLIP_NORM = 0.1
 
 
@@ -242,11 +252,41 @@ def _peer_cases(work: Workload, info: dict, training_step: Callable) -> list[Cas
     return cases
 
 
+def count_ops(name: str) -> dict:
+    """``ops_per_step`` of one model (see the module docstring), counted on CPU."""
+    shapes = parameter_shapes(name)
+    device = _step_ops.count_step(shapes, fused="device")
+    host = _step_ops.count_step(shapes, fused=True)
+    # Kernels and syncs depend on the tensors, not their sizes: the other granularities are
+    # counted on the narrow twin, in two param groups ("group" has two segments).
+    by_granularity = {}
+    for granularity in GRANULARITIES:
+        own = _step_ops.count_step(narrow_shapes(name), fused="device", granularity=granularity, groups=2)["agr_own"]
+        by_granularity[granularity] = {"kernels": own["kernels"], "syncs": own["syncs"]}
+    return {
+        "counted_on": "cpu",
+        "note": "one iteration: zero_grad() + stash_clean() + step() for AGR, zero_grad() + step() for SGD; "
+                "agr_own = AGR's iteration less SGD's; one param group, granularity 'tensor'",
+        "param_bytes": 4 * sum(math.prod(s) for s in shapes),
+        "sgd_foreach_step": device["sgd_step"],
+        "agr_device_schedule": {"own": device["agr_own"], "iteration": device["agr_iteration"],
+                                "own_by_name": device["agr_own_by_name"],
+                                "by_granularity_narrow_twin_two_groups": by_granularity},
+        "agr_host_schedule": {"own": host["agr_own"], "iteration": host["agr_iteration"],
+                              "own_by_name": host["agr_own_by_name"]},
+        "predicted_h200": _step_ops.prediction(device),
+    }
+
+
 def run_model(name: str, *, device: torch.device, repeats: int, warmup: int, peers: bool, compiled: bool,
-              memory: bool, quick: bool = False) -> dict:
+              memory: bool, quick: bool = False, ops: bool = False, timing: bool = True) -> dict:
+    """One model's rows (``timing=False``: none), memory rows and ``ops_per_step`` (CPU only)."""
     shapes = parameter_shapes(name)
     work = Workload(shapes, device)
-    cases, info = build_cases(work, peers=peers, compiled=compiled)
+    if timing:
+        cases, info = build_cases(work, peers=peers, compiled=compiled)
+    else:
+        cases, info, repeats = [], {"peers": {}, "compile_s": None, "compile_optimizer_s": None}, 0
     for case in cases:
         for _ in range(warmup):
             case.run()
@@ -257,7 +297,7 @@ def run_model(name: str, *, device: torch.device, repeats: int, warmup: int, pee
     by_name = {case.name: case for case in cases}
     rows = []
 
-    floors = by_name["floor"].times
+    floors = by_name["floor"].times if timing else []
 
     def add(name: str, times: list[float], note: str, kind: str = "time") -> None:
         # The ratio is the median of per-repeat ratios to the floor timed in the same repeat:
@@ -270,7 +310,7 @@ def run_model(name: str, *, device: torch.device, repeats: int, warmup: int, pee
 
     for case in cases:
         add(case.name, case.times, case.note)
-    plain = by_name["sgd_step"].times
+    plain = by_name["sgd_step"].times if timing else []
     overhead_rows = [("agr_fused_step", "agr_overhead_fused"), ("agr_loop_step", "agr_overhead_loop"),
                      ("agr_compiled_step", "agr_overhead_compiled"),
                      ("pytorch_optimizer_pcgrad_step", "pytorch_optimizer_pcgrad_overhead")]
@@ -297,8 +337,10 @@ def run_model(name: str, *, device: torch.device, repeats: int, warmup: int, pee
         result["compile_error"] = info["compile_error"]
     del work, cases
     if memory and device.type == "cpu":
-        variants = ("plain", "agr_fused") if quick else _memory.VARIANTS
+        variants = ("plain", "agr_fused", "agr_device") if quick else _memory.VARIANTS
         result["memory"] = _memory.measure(name, variants, steps=2)
+    if ops and device.type == "cpu":
+        result["ops_per_step"] = count_ops(name)
     return result
 
 
@@ -321,8 +363,9 @@ def _targets(rows: dict[str, dict]) -> dict[str, dict]:
                "higher")
         target("paper_script_reference_over_agr_overhead", ratio("paper_script_reference") / max(overhead, 1e-9),
                3.0, "higher")
-    target("reconstruct_loop_over_fused", rows["reconstruct_loop"]["ms"] / rows["reconstruct_fused"]["ms"], 2.0,
-           "higher")
+    if "reconstruct_loop" in rows:
+        target("reconstruct_loop_over_fused", rows["reconstruct_loop"]["ms"] / rows["reconstruct_fused"]["ms"], 2.0,
+               "higher")
     target("compiled_over_floor", ratio("reconstruct_inplace_compiled"), 1.25, "lower")
     target("agr_overhead_compiled_over_floor", ratio("agr_overhead_compiled"), 1.25, "lower")
     return targets
@@ -330,8 +373,10 @@ def _targets(rows: dict[str, dict]) -> dict[str, dict]:
 
 def format_table(result: dict) -> str:
     lines = [f"{result['description']}: {result['num_tensors']} tensors, {result['num_elements'] / 1e6:.2f}M "
-             f"float32 elements, {result['device']}, median of {result['repeats']} repeats"]
-    lines.append(f"  {'row':34s} {'ms':>9s} {'x floor':>8s}  {'(quartiles)':>13s}")
+             f"float32 elements, {result['device']}, " + (f"median of {result['repeats']} repeats" if result["repeats"]
+                                                            else "no timed rows")]
+    if result["rows"]:
+        lines.append(f"  {'row':34s} {'ms':>9s} {'x floor':>8s}  {'(quartiles)':>13s}")
     for row in result["rows"]:
         low, high = row["ratio_quartiles"]
         lines.append(f"  {row['name']:34s} {row['ms']:9.2f} {row['ratio_to_floor']:8.2f}  ({low:5.2f}-{high:5.2f})")
@@ -344,6 +389,7 @@ def format_table(result: dict) -> str:
     for name, t in result["targets"].items():
         lines.append(f"  target {name}: {t['value']:.2f} ({'<=' if t['better'] == 'lower' else '>='} "
                      f"{t['limit']}) {'met' if t['met'] else 'MISSED'}")
+    lines += format_ops(result.get("ops_per_step"))
     memory = result.get("memory")
     if memory:
         lines.append(f"  peak RSS, fresh processes, {memory['steps']} training steps at batch {memory['batch']} "
@@ -353,6 +399,33 @@ def format_table(result: dict) -> str:
                          f"{row['extra_over_plain_bytes'] / 2**20:7.1f} MiB = "
                          f"{row['extra_over_plain_ratio_to_params']:.2f} x parameters")
     return "\n".join(lines)
+
+
+def _ops_line(label: str, figures: dict, cuda: bool = True) -> str:
+    moved = (figures["bytes_read"] + figures["bytes_written"]) / 2**20
+    launches = f" ({figures['launches']} CUDA launches)" if cuda else ""
+    return (f"    {label:32s} {figures['kernels']:4d} kernels{launches}, {figures['views']:4d} views, "
+            f"{figures['allocations']} allocations, {figures['syncs']:3d} host syncs, {moved:8.1f} MiB moved")
+
+
+def format_ops(ops: dict | None) -> list[str]:
+    """``ops_per_step`` in a few lines."""
+    if not ops:
+        return []
+    predicted = ops["predicted_h200"]
+    granularities = ", ".join(f"{g} {v['kernels']} kernels / {v['syncs']} syncs"
+                              for g, v in ops["agr_device_schedule"]["by_granularity_narrow_twin_two_groups"].items())
+    return [
+        f"  dispatched per step (counted on {ops['counted_on']}; parameters {ops['param_bytes'] / 2**20:.1f} MiB):",
+        _ops_line("SGD foreach step", ops["sgd_foreach_step"]),
+        _ops_line("AGR own, accelerator schedule", ops["agr_device_schedule"]["own"]),
+        _ops_line("AGR own, host schedule (CPU)", ops["agr_host_schedule"]["own"], cuda=False),
+        f"    accelerator schedule by granularity: {granularities}",
+        f"  predicted H200 (launches x {predicted['launch_s'] * 1e6:.0f} us + bytes / "
+        f"{predicted['bandwidth_bytes_per_s'] / 1e12:.1f} TB/s): SGD step {predicted['sgd_step_s'] * 1e6:.0f} us, "
+        f"AGR own {predicted['agr_own_s'] * 1e6:.0f} us = {predicted['agr_own_over_sgd_step']:.2f} x SGD "
+        f"(target <= {predicted['target_agr_own_over_sgd_step']:g}); a prediction, not a measurement",
+    ]
 
 
 #: Rows of the docs' tables (docs/benchmarks.rst), in order, with their labels there.
@@ -402,6 +475,20 @@ def format_rst(result: dict) -> str:
                       f"     - {row['extra_over_plain_ratio_to_params']:.2f}"]
     if result.get("compile_s") is not None:
         lines += ["", f"First compile of the ``\"compile\"`` path: {result['compile_s']:.1f} s."]
+    ops = result.get("ops_per_step")
+    if ops:
+        lines += ["", f"Dispatched per optimizer iteration (counted on {ops['counted_on']}; parameters "
+                  f"{ops['param_bytes'] / 2**20:.1f} MiB; AGR's own beyond the SGD step):", "",
+                  ".. list-table::", "   :header-rows: 1", "   :widths: 40 12 12 12 12 12", "",
+                  "   * - ", "     - kernels", "     - CUDA launches", "     - views", "     - host syncs",
+                  "     - MiB moved"]
+        for label, figures in (("SGD foreach step", ops["sgd_foreach_step"]),
+                               ("AGR, accelerator schedule", ops["agr_device_schedule"]["own"]),
+                               ("AGR, host schedule (CPU only)", ops["agr_host_schedule"]["own"])):
+            moved = (figures["bytes_read"] + figures["bytes_written"]) / 2**20
+            launches = "n/a" if "host" in label else figures["launches"]
+            lines += [f"   * - {label}", f"     - {figures['kernels']}", f"     - {launches}",
+                      f"     - {figures['views']}", f"     - {figures['syncs']}", f"     - {moved:.0f}"]
     return "\n".join(lines)
 
 
@@ -414,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS measurement")
     parser.add_argument("--no-peers", action="store_true", help="skip pytorch-optimizer and TorchJD")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled path")
+    parser.add_argument("--no-ops", action="store_true", help="skip counting the dispatched operations per step")
+    parser.add_argument("--no-timing", action="store_true", help="no timed rows: the memory rows and the counts only")
     parser.add_argument("--rst", metavar="JSON", help="print the docs' tables of a saved run, and run nothing")
     args = parser.parse_args(argv)
     if args.rst:
@@ -426,13 +515,15 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="agr_bench_inductor_")
     models = args.models or (["preactresnet18_w16"] if args.quick else ["preactresnet18", "wideresnet34_10"])
     repeats = args.repeats or (3 if args.quick else 25)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available() and not args.no_timing  # (the counts and the memory rows are CPU's)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     results = []
     for device in devices:
         for name in models:
             result = run_model(name, device=device, repeats=repeats, warmup=1 if args.quick else 3,
                                peers=not args.no_peers, compiled=not args.no_compile and not args.quick,
-                               memory=not args.no_memory, quick=args.quick)
+                               memory=not args.no_memory, quick=args.quick,
+                               ops=not args.no_ops and device.type == "cpu", timing=not args.no_timing)
             print(format_table(result), flush=True)
             results.append(result)
     report = {
