@@ -1,99 +1,96 @@
-"""One command for a lent CUDA machine: ``python -m benchmarks.gpu_check --out DIR``.
+"""Every figure that needs a GPU, in one command of under 5 minutes: ``python -m benchmarks.gpu_check --out DIR``.
 
-Runs, within a global time budget (``--budget``, default 480 s, so the whole stays under
-8 minutes), each section in its own process with its own time limit, and writes
-``DIR/gpu_check.json`` (one document: environment, every section's status, numbers and errors)
-and ``DIR/summary.txt`` (also printed). A section that fails, raises or runs out of time is
-recorded as such and the others still run. Sections:
+A CUDA machine is lent to this project only now and then, for a few minutes that include its
+start, so the check must run right the first time and fit: a global budget (``--budget``,
+default 270 s) and a time cap per section (``SECTIONS``). Each section runs in its own process
+(a CUDA error, a hung compile or a sync-debug mode left on cannot reach the next), saves what it
+has measured as it goes, and is killed at its cap; an error, a failed check or a timeout costs
+that section only. Sections, in the order they run:
 
-- ``no_sync``: whole ``AGROptimizer(SGD)`` steps (``zero_grad``, ``stash_clean``, ``step``) of a
-  small conv net under ``torch.cuda.set_sync_debug_mode("error")`` for ``fused=True`` at every
-  granularity (a host synchronisation raises), and the number of synchronisations of each path
-  (``fused=True``, ``False``, ``"compile"``) counted under ``"warn"``; plus the agreement of
-  ``functional.reconstruct`` on the device with the per-layer reference run in float64 on the CPU.
-- ``amp_fp16``: fp16 autocast with ``torch.amp.GradScaler`` through ``AGROptimizer`` against the
-  same training in float32; ``scaler.unscale_(opt)`` after both backward passes against the plain
-  ``scaler.step(opt)``; an inf in the adversarial gradient, then in the stashed clean gradient,
-  must skip the step and back the scale off.
-- ``accelerate_fp16``: the same training through ``accelerate.Accelerator(mixed_precision="fp16")``
-  (its own GradScaler, ``AcceleratedOptimizer``) against float32; skipped if accelerate is missing.
-- ``cuda_tests``: pytest on the repository's CUDA tests (``@pytest.mark.cuda``, or a ``skipif``
-  whose reason names CUDA or a GPU), ``-W error`` as always; pass/fail counts from JUnit XML.
-- ``reconstruct_benchmark``: ``benchmarks.reconstruct.run_model`` on the device (floor, fused,
-  loop, compiled, the paper-style per-layer code) for PreActResNet-18 and WideResNet-34-10, the
-  ratios of docs/benchmarks.rst; on CUDA also the extra peak GPU memory of a few training steps.
-- ``training``: ``python -m agr_optim.train --preset quick ...`` for one epoch, when that module
-  exists (else "skipped: no training command"), bounded to 90 s.
+- ``syncs``: host synchronisations per optimizer call at every granularity, for ``fused=True``
+  (the accelerator schedule on a GPU), ``"device"`` and ``False``: counted by
+  ``torch.cuda.set_sync_debug_mode("warn")`` around steady-state iterations, and by
+  :class:`~benchmarks._ops.OpCounter` (the dispatched operations that read back to the host).
+- ``memory``: the extra peak GPU memory of AGR's training steps over plain SGD's, in parameter
+  bytes (``torch.cuda.max_memory_allocated``; the issue's target is at most 1.25).
+- ``cuda_tests``: ``pytest -m cuda`` (``tests/test_cuda.py``: every implementation against
+  float64 on the GPU, no host sync, GradScaler, ...); its exit code and ``-q`` summary line.
+- ``step_cost``: the optimizer step on PreActResNet-18 and WideResNet-34-10 shapes, eager and
+  ``fused="compile"``: AGR's iteration (``zero_grad()`` + ``stash_clean()`` + ``step()``) over the
+  SGD foreach step's (``zero_grad()`` + ``step()``) and over the floor (``dot`` + ``add`` of the
+  flat gradients), timed with CUDA events after a warm-up, medians of paired ratios; the H200
+  prediction from the operations counted on the device beside it.
+- ``epoch_cost``: an AGR-AT epoch over a PGD-AT epoch (``benchmarks.train_cost``) on
+  PreActResNet-18, batch 128, PGD-10, fp32 and bf16, on a synthetic 32x32 ``.npz`` written here.
+- ``agr_train``: one short ``python -m agr_optim.train`` run on that ``.npz``; its
+  ``summary.json`` read by key names.
 
-Without CUDA it says so, and runs the CPU parts quickly (the ``--quick`` shapes of the benchmark,
-the amp and Accelerate plumbing on the CPU, the test selection with every CUDA test skipped):
-``tests/test_gpu_check.py`` runs it so that CI keeps it working. See docs/benchmarks.rst.
+It writes ``DIR/gpu_check.json`` (one document: the environment, then every section's status,
+seconds, limit, ``figures`` and ``problems`` or ``error``; ``figures`` at the top level gathers
+every section's), ``DIR/summary.txt`` (also printed) and each section's files (``DIR/sections``,
+the pytest log, the train_cost JSONs, the training run's folder). Without CUDA it says so and
+runs its CPU parts at tiny sizes (``tests/test_gpu_check.py`` runs it so in CI); none of that is a
+GPU result. See docs/benchmarks.rst.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import gc
+import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import traceback
 import warnings
-import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from importlib import metadata
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROOT = Path(__file__).resolve().parents[1]
-CLIP_NORM = 0.1
 STATUSES = ("ok", "failed", "error", "timeout", "skipped")
+BUDGET_S = 270.0  # the whole run, imports and compiles included: under 5 minutes with a margin
 
-#: Sections in the order they run, with their time caps in seconds (each also gets at most what
-#: the budget has left, less ``_KEEP_S`` for every later section). The cheap checks that decide
-#: the most come first; the benchmark's compilations and the training run are the long parts.
+#: Sections in running order, with their caps in seconds. The expected times on an H200 are
+#: about half the caps (syncs 15 s, memory 15 s, the CUDA tests 45 s, the step costs 70 s with
+#: two compilations, the epochs 40 s, the training run 20 s); the budget, not the caps' sum,
+#: bounds the run: each section gets at most what the budget can spare after keeping
+#: ``_RESERVE_S`` for every later one.
 SECTIONS: dict[str, float] = {
-    "no_sync": 100.0,
-    "amp_fp16": 60.0,
-    "accelerate_fp16": 60.0,
-    "cuda_tests": 120.0,
-    "reconstruct_benchmark": 200.0,
-    "training": 120.0,
+    "syncs": 45.0,
+    "memory": 40.0,
+    "cuda_tests": 90.0,
+    "step_cost": 110.0,
+    "epoch_cost": 90.0,
+    "agr_train": 45.0,
 }
-_KEEP_S = 15.0  # kept back for each later section
-_MIN_S = 8.0  # a section given less than this is skipped (a fresh interpreter needs a few seconds)
-_FINAL_S = 10.0  # kept back for writing the report (and the few seconds before the clock starts)
-_CHILD_MARGIN_S = 4.0  # a section's process plans with its limit less this (starting, writing its result)
-#: The benchmark compiles (two torch.compile kernels per model, tens of seconds each on a GPU)
-#: only for a model started with at least this much of its limit left.
-_COMPILE_NEEDS_S = 110.0
+_RESERVE_S = 12.0
+_MIN_S = 8.0  # a section given less is not started (a fresh interpreter needs a few seconds)
+_FINAL_S = 5.0  # kept for writing the report
+_MARGIN_S = 4.0  # a section's process plans with its limit less this (writing its result)
 
-#: Relative tolerances, normwise over all parameters.
-#: One AGR step against its float64 reference from the same (scaled) gradients: float32
-#: parameters of norm ~1 moved by ~lr * clip_norm = 5e-3 per tensor keep the update to ~1e-5.
-#: A gradient left scaled (or unscaled twice) is off by the scale, 2**10: an O(1) error.
-STEP_TOL = 1e-4
-#: fp16 training against the same training in float32, after a few steps: fp16 rounds the
-#: convolutions' inputs and output gradients to 11 bits, and their weight gradients are sums with
-#: much cancellation, so the updates differ by ~2e-2 on the CPU here. A loose sanity bound only;
-#: the step check above is the exact one.
-FP16_DRIFT_TOL = 0.1
-#: ``functional.reconstruct`` in float32 against the float64 reference: sums of ~1e6 products in
-#: float32 have a relative error of ~1e-6 (pairwise/blocked summation); 1e-5 as the tests use.
-FLOAT32_TOL = 1e-5
+CLIP_NORM = 0.1
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+GRANULARITIES = ("tensor", "group", "global")
+EXTRA_MEMORY_TARGET = 1.25  # extra peak memory over plain SGD, in parameter bytes (issue 17)
+COMPILE_TOL = 1e-5  # the compiled reconstruction against the eager one (float32 sums, reordered)
 
 
 # ---------------------------------------------------------------------------------- utilities
@@ -101,118 +98,151 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write atomically (a killed child leaves the last complete document)."""
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a killed process leaves the last complete document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str, allow_nan=True))
+    tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
 
 def _error_text(error: BaseException, limit: int = 2000) -> str:
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return text[-limit:]
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))[-limit:]
 
 
 def _child_env() -> dict[str, str]:
-    """The working tree first on the path (the command runs from it, installed or not)."""
+    """The working tree first on the path: the check runs from a checkout, installed or not."""
     path = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
-def _run_command(command: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run in its own session; on timeout kill that process group (pytest's workers too)."""
+def run_command(command: list[str], timeout: float, log: Path | None = None, own_group: bool = False
+                ) -> dict[str, Any]:
+    """Run ``command`` in the repository root, killed at ``timeout``; output to ``log`` as it
+    comes (kept if killed), else captured. ``own_group`` (the driver's sections): in a process
+    group of its own, killed whole; the commands a section runs stay in the section's group, so
+    that killing the section kills them too."""
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env or _child_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sink = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
     try:
-        stdout, stderr = process.communicate(timeout=max(timeout, 1.0))
-        timed_out = False
-    except subprocess.TimeoutExpired:
+        process = subprocess.Popen(command, cwd=ROOT, env=_child_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=own_group)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended just now
-            pass
-        stdout, stderr = process.communicate()
-        timed_out = True
+            output, _ = process.communicate(timeout=max(timeout, 1.0))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                if own_group:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
+            output, _ = process.communicate()
+            timed_out = True
+    finally:
+        if log is not None:
+            sink.close()  # type: ignore[union-attr]
+    if log is not None:
+        output = log.read_text(errors="replace")
     return {"returncode": process.returncode, "timed_out": timed_out, "seconds": time.monotonic() - start,
-            "stdout": stdout or "", "stderr": stderr or ""}
+            "output": output or ""}
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return float((got - want).norm() / want.norm().clamp_min(1e-300))
+def _median_ratio(top: list[float], bottom: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
-# ------------------------------------------------------------------------------- environment
-def environment() -> dict[str, Any]:
-    """Versions and the device: what a reader needs to compare two runs."""
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-        "packages": {name: _version(name) for name in
-                     ("numpy", "triton", "accelerate", "lightning", "pytest", "hypothesis", "agr_optim")},
-        "git_commit": None,
-        # The lent machine gets a copy of the working tree, perhaps without .git: this names the code.
-        "source_sha256": _source_hash(),
-    }
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False) \
-        if _which("git") else None
-    if done is not None and done.returncode == 0:
-        info["git_commit"] = done.stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                                check=False)
-        info["git_dirty"] = bool(status.stdout.strip())
-    if info["cuda_available"]:
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["devices"] = []
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            info["devices"].append({"name": props.name, "capability": f"{props.major}.{props.minor}",
-                                    "total_memory_gib": round(props.total_memory / 2**30, 1),
-                                    "multi_processor_count": props.multi_processor_count})
-        if _which("nvidia-smi"):
-            try:
-                smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, check=False, timeout=20)
-                info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() \
-                    else None
-            except (OSError, subprocess.SubprocessError) as error:
-                info["driver"] = f"nvidia-smi failed: {error}"
-    return info
+# ------------------------------------------------------------------------------ the sections
+@dataclass
+class Section:
+    """What a section's process knows: where to write, the device, its deadline, and the result
+    it fills (``figures``, ``problems``, details), saved by :meth:`save` as it goes."""
+
+    name: str
+    out: Path
+    device: torch.device
+    deadline: float
+    result: dict[str, Any] = field(default_factory=lambda: {"figures": {}, "problems": []})
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def path(self) -> Path:
+        return self.out / "sections" / f"{self.name}.json"
+
+    def save(self) -> None:
+        """The result so far, marked partial: what the parent reads if this process is killed."""
+        write_json(self.path, {**self.result, "status": "timeout", "partial": True})
+
+    def finish(self) -> str:
+        """The status: the one the section set (skipped, timeout), else failed with problems, else ok."""
+        self.result.setdefault("status", "failed" if self.result["problems"] else "ok")
+        return self.result["status"]
 
 
-def _source_hash() -> str:
-    """SHA-256 over the package's and the benchmarks' Python files (paths and contents)."""
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("agr_optim/**/*.py"), *ROOT.glob("benchmarks/*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+class _Stopwatch:
+    """The seconds of the timed parts of one repeat. On CUDA: events on the device's clock,
+    the queue drained before the repeat, so a span is what the host waits for, launches
+    included; elsewhere ``perf_counter``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.spans: list[Any] = []
+
+    def begin(self) -> None:
+        self.spans = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.spans.append(time.perf_counter() - began)
+
+    def end(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+        return float(sum(self.spans))
 
 
-def _which(program: str) -> bool:
-    return any(os.access(os.path.join(d, program), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep))
+@contextlib.contextmanager
+def _sync_warnings(device: torch.device, found: Counter[str], key: str) -> Iterator[None]:
+    """Count the host synchronisations of the block (CUDA's sync debug mode, "warn")."""
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    found[key] += sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-# ---------------------------------------------------------------------- section: no host sync
-class _NoSyncNet(nn.Module):
-    """Convolutions with BatchNorm (channels-last), and a 1M-element linear layer: the layouts
-    and sizes of a real model's gradients, in ten tensors (a quick compile)."""
+# ----------------------------------------------------------------------- section: syncs
+class _SyncNet(nn.Module):
+    """Channels-last convolutions with BatchNorm and a 1M-element linear layer: the layouts and
+    sizes of a real model's gradients in ten tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,874 +257,653 @@ class _NoSyncNet(nn.Module):
         return self.head(self.features(x))
 
 
-def _sync_calls(device: torch.device, fused: bool | str, granularity: str, mode: str) -> dict[str, Any]:
-    """Run AGR steps; under sync debug ``mode`` ("error": stop at the first host sync and name the
-    call; "warn": count the syncs of each call). On the CPU the steps run without the check."""
+STEADY_STEPS = 3
+
+
+def sync_counts(device: torch.device, fused: bool | str, granularity: str) -> dict[str, Any]:
+    """Host syncs per optimizer call of AGR(SGD) steps after two warm-up steps: under CUDA's
+    sync debug mode (CUDA only) and as dispatched operations (:data:`~benchmarks._ops.SYNCING`)."""
     from agr_optim import AGROptimizer
 
+    from ._ops import SYNCING, OpCounter
+
     torch.manual_seed(0)
-    model = _NoSyncNet().to(device, memory_format=torch.channels_last)
-    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
-                                       foreach=True), clip_norm=CLIP_NORM, granularity=granularity, fused=fused)
-    checked = device.type == "cuda"
-    steps, batch = (3, 16) if checked else (1, 4)  # on the CPU nothing is checked: keep it short
-    x = torch.rand(batch, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
+    model = _SyncNet().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    groups = [{"params": list(model.features.parameters())}, {"params": list(model.head.parameters())}]
+    sgd = torch.optim.SGD(groups, lr=0.05, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True)
+    opt = AGROptimizer(sgd, clip_norm=CLIP_NORM, granularity=granularity, fused=fused)
+    x = torch.rand(8, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    y = torch.randint(0, 10, (8,), device=device)
     loss_fn = nn.CrossEntropyLoss()
-    counts = {"zero_grad": 0, "stash_clean": 0, "step": 0}
-    result: dict[str, Any] = {"fused": fused, "granularity": granularity, "mode": mode}
 
-    def call(name: str, fn: Callable[[], object], check: bool) -> None:
-        if not (check and checked):
-            fn()
-            return
-        torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode(mode)
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        counts[name] += sum("synchroniz" in str(w.message) for w in caught)
-
-    start = time.perf_counter()
-    current = ""
-    try:
-        for i in range(steps + 2):  # two unchecked steps: momentum buffers, compilation
-            check = i >= 2
-            current = "zero_grad"
-            call(current, opt.zero_grad, check)
-            loss_fn(model(x), y).backward()
-            current = "stash_clean"
-            call(current, opt.stash_clean, check)
-            loss_fn(model((x + 0.03 * torch.randn_like(x)).clamp(0, 1)), y).backward()
-            current = "step"
-            call(current, opt.step, check)
-            if i == 1:
-                result["warmup_s"] = time.perf_counter() - start
-    except RuntimeError as error:
-        if "synchroniz" not in str(error):
-            raise
-        result.update(synced=True, synced_in=current, error=str(error).splitlines()[0][:300])
-        return result
-    result["step_count"] = opt.step_count
-    if checked:
-        result["syncs_per_call"] = {name: n / steps for name, n in counts.items()}
-        result["synced"] = any(counts.values())
-    else:
-        result["synced"] = None  # not checked: no CUDA
-    return result
-
-
-def _reference_agreement(device: torch.device, fused: bool | str, shapes: list[tuple[int, ...]]) -> dict[str, Any]:
-    """``functional.reconstruct`` on the device against the paper-style per-layer code run in
-    float64 on the CPU (``benchmarks/_reference.py``, independent of the library)."""
-    from agr_optim import functional as F
-
-    from ._reference import per_layer_reconstruct
-    from .reconstruct import Workload
-
-    work = Workload(shapes, device)
-    want = per_layer_reconstruct([a.double().cpu() for a in work.w_adv], [c.double().cpu() for c in work.w_clean],
-                                 CLIP_NORM)
-    got = F.reconstruct(work.w_adv, work.w_clean, clip_norm=CLIP_NORM, fused=fused)
-    errors = [_relative_error(g, w) for g, w in zip(got, want, strict=True)]
-    dtypes_kept = all(g.dtype == a.dtype and g.device == a.device for g, a in zip(got, work.w_adv, strict=True))
-    worst = max(errors)
-    return {"fused": fused, "tensors": len(shapes), "max_relative_error": worst, "tolerance": FLOAT32_TOL,
-            "dtype_and_device_kept": dtypes_kept, "ok": worst <= FLOAT32_TOL and dtypes_kept}
-
-
-def section_no_sync(device: torch.device, quick: bool, limit: float, save: Callable[[dict], None]) -> dict:
-    from ._shapes import parameter_shapes
-
-    cuda = device.type == "cuda"
-    result: dict[str, Any] = {"device": str(device), "runs": [], "agreement": []}
-    if not cuda:
-        result["note"] = "no CUDA device: the steps and the agreement ran on the CPU, no sync check"
-    compile_variants = [] if quick and not cuda else ["compile"]
-    shapes = parameter_shapes("preactresnet18_w16")
-    # The check the issue asks for first: fused=True never synchronises, at every granularity.
-    for granularity in ("tensor", "group", "global"):
-        result["runs"].append(_sync_calls(device, True, granularity, "error"))
-        save(result)
-    for fused in (True, False, *compile_variants):
-        try:
-            if cuda or fused is not True:  # (on the CPU fused=True already ran above)
-                result["runs"].append(_sync_calls(device, fused, "tensor", "warn"))
-            result["agreement"].append(_reference_agreement(device, fused, shapes))
-        except Exception as error:  # a missing triton or C++ compiler: record, go on
-            if fused != "compile":
-                raise
-            result["compile_error"] = _error_text(error, 600)
-        save(result)
-    strict = [r for r in result["runs"] if r["fused"] is True and r["mode"] == "error"]
-    problems = [f"fused=True, granularity={r['granularity']}: host sync in {r.get('synced_in')}"
-                for r in strict if r.get("synced")]
-    problems += [f"agreement fused={a['fused']}: relative error {a['max_relative_error']:.2e}"
-                 for a in result["agreement"] if not a["ok"]]
-    result["status"] = "failed" if problems else "ok"
-    result["problems"] = problems
-    return result
-
-
-# ------------------------------------------------------------------------ section: fp16 / amp
-LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
-
-
-class _AmpNet(nn.Module):
-    """A small CNN without pooling (its CUDA backward uses atomics): two fp16 runs should repeat."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * (size // 2) ** 2, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def _amp_setup(device: torch.device, steps: int, clip_norm: float | None = CLIP_NORM
-               ) -> tuple[nn.Module, Any, list[tuple[torch.Tensor, ...]]]:
-    """The model, its AGROptimizer(SGD) and ``steps`` batches; smaller on the CPU (fp16 is slow there)."""
-    from agr_optim import AGROptimizer
-
-    batch, size = (32, 16) if device.type == "cuda" else (8, 8)
-    torch.manual_seed(0)
-    model = _AmpNet(size).to(device)
-    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-                       clip_norm=clip_norm)
-    gen = torch.Generator().manual_seed(1)
-    data = []
-    for _ in range(steps):
-        x = torch.rand(batch, 3, size, size, generator=gen)
-        x_adv = (x + 0.03 * torch.randn(x.shape, generator=gen).sign()).clamp(0, 1)
-        data.append((x.to(device), x_adv.to(device), torch.randint(0, 10, (batch,), generator=gen).to(device)))
-    return model, opt, data
-
-
-def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().double().reshape(-1).cpu() for p in model.parameters()])
-
-
-def _copies(tensors: Any) -> list[torch.Tensor | None]:
-    return [None if t is None else t.detach().double().cpu().clone() for t in tensors]
-
-
-class _StepCheck:
-    """One AGR step against its float64 reference, from the very gradients the step saw.
-
-    Records the scaled clean gradient (before the stash), the scaled adversarial gradient, the
-    scale, the parameters and the momentum buffers before ``step()``; the reference unscales in
-    float64, reconstructs with the paper-style per-layer code (``benchmarks/_reference.py``) and
-    applies torch's SGD rule (``b = m b + g + wd p``, the first ``b = g + wd p``; ``p -= lr b``).
-    So the check is exact whatever fp16 did to the gradients: only the step is judged.
-    """
-
-    def __init__(self, model: nn.Module, opt: Any) -> None:
-        self.model, self.opt = model, opt
-        self.errors: list[float] = []
-        self.clip_norm = math.inf if opt.clip_norm is None else opt.clip_norm  # (inf: min(1, inf) = 1)
-
-    def clean(self) -> None:
-        self._clean = _copies(p.grad for p in self.model.parameters())
-
-    def before_step(self, scale: float) -> None:
-        params = list(self.model.parameters())
-        self._adversarial = _copies(p.grad for p in params)
-        self._params = _copies(params)
-        self._buffers = _copies(self.opt.state[p].get("momentum_buffer") if p in self.opt.state else None
-                                for p in params)
-        self._scale = scale
-
-    def after_step(self) -> float:
-        from ._reference import per_layer_reconstruct
-
-        adversarial = [g / self._scale for g in self._adversarial]
-        clean = [g / self._scale for g in self._clean]
-        r = per_layer_reconstruct(adversarial, clean, self.clip_norm)
-        want, got = [], []
-        for p, p0, b, g in zip(self.model.parameters(), self._params, self._buffers, r, strict=True):
-            d = g + WEIGHT_DECAY * p0
-            b = d if b is None else MOMENTUM * b + d
-            want.append((-LR * b).reshape(-1))
-            got.append((p.detach().double().cpu() - p0).reshape(-1))
-        error = _relative_error(torch.cat(got), torch.cat(want))
-        self.errors.append(error)
-        return error
-
-
-def _amp_run(device: torch.device, steps: int, mode: str, inject_inf: dict[int, str] | None = None,
-             clip_norm: float | None = CLIP_NORM) -> dict:
-    """Train ``steps`` AGR steps; ``mode``: "fp32", "fp16" (autocast + ``scaler.step``) or
-    "fp16_unscale" (``scaler.unscale_(opt)`` after both backward passes, then ``scaler.step``).
-    Every step taken is checked against its float64 reference (:class:`_StepCheck`).
-    ``inject_inf[i]`` = "adversarial" or "clean" writes an inf into that gradient at step i."""
-    model, opt, data = _amp_setup(device, steps, clip_norm)
-    loss_fn = nn.CrossEntropyLoss()
-    fp16 = mode != "fp32"
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, growth_interval=10_000) if fp16 else None
-    check = _StepCheck(model, opt)
-    start = _flat_params(model)
-    skipped_as_expected = []
-    for i, (x, x_adv, y) in enumerate(data):
-        opt.zero_grad()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-            clean_loss = loss_fn(model(x), y)
-        (scaler.scale(clean_loss) if scaler else clean_loss).backward()
-        first = next(model.parameters())
-        clean_grad = first.grad  # the stash keeps this very tensor (no copy)
-        check.clean()
-        opt.stash_clean()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=fp16):
-            adv_loss = loss_fn(model(x_adv), y)
-        (scaler.scale(adv_loss) if scaler else adv_loss).backward()
-        scale = scaler.get_scale() if scaler else 1.0
-        where = (inject_inf or {}).get(i)
-        if where is not None:
-            target = first.grad if where == "adversarial" else clean_grad
-            target.view(-1)[0] = float("inf")
-            before, count = _flat_params(model), opt.step_count
-        else:
-            check.before_step(scale)
-        if scaler is None:
+    def iteration(around: Callable[[str], contextlib.AbstractContextManager[Any]]) -> None:
+        with around("zero_grad"):
+            opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        with around("stash_clean"):
+            opt.stash_clean()
+        loss_fn(model(x_adv), y).backward()
+        with around("step"):
             opt.step()
-        else:
-            if mode == "fp16_unscale":
-                scaler.unscale_(opt)  # where a user clips by hand: after both backward passes
-            scaler.step(opt)
-            scaler.update()
-        if where is not None:
-            skipped_as_expected.append(torch.equal(before, _flat_params(model)) and opt.step_count == count
-                                       and scaler is not None and scaler.get_scale() == scale * 0.5)
-        else:
-            check.after_step()
-    return {"delta": _flat_params(model) - start, "step_count": opt.step_count, "step_errors": check.errors,
-            "final_scale": scaler.get_scale() if scaler else None, "skipped_as_expected": skipped_as_expected}
 
-
-def section_amp_fp16(device: torch.device, quick: bool, limit: float, save: Callable[[dict], None]) -> dict:
+    for _ in range(2):  # momentum buffers, the rows' layout and its index tensors
+        iteration(lambda name: contextlib.nullcontext())
+    result: dict[str, Any] = {"fused": fused, "granularity": granularity}
     if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    steps = 3 if quick else 6
-    result: dict[str, Any] = {"device": str(device), "steps": steps, "scaler": f"torch.amp.GradScaler({device.type!r})",
-                              "step_tolerance": STEP_TOL, "drift_tolerance": FP16_DRIFT_TOL}
-    if device.type != "cuda":
-        result["note"] = "no CUDA device: GradScaler('cpu') with CPU fp16 autocast, not the CUDA kernels"
-    reference = _amp_run(device, steps, "fp32")
-    fp16 = _amp_run(device, steps, "fp16")
-    unscaled = _amp_run(device, steps, "fp16_unscale")
-    # Clipping makes a segment's update blind to a common scale of both gradients (every
-    # segment here is clipped at 0.1 once scaled): without clipping such an error shows.
-    unclipped = _amp_run(device, steps, "fp16", clip_norm=None)
-    inf = _amp_run(device, 3, "fp16", inject_inf={1: "adversarial", 2: "clean"})
-    result.update(
-        step_error={"fp32": max(reference["step_errors"]), "fp16": max(fp16["step_errors"]),
-                    "fp16_unscale": max(unscaled["step_errors"]), "fp16_no_clip": max(unclipped["step_errors"])},
-        fp16_drift_from_fp32=_relative_error(fp16["delta"], reference["delta"]),
-        unscale_vs_step_relative_error=_relative_error(unscaled["delta"], fp16["delta"]),
-        steps_taken={"fp32": reference["step_count"], "fp16": fp16["step_count"],
-                     "fp16_unscale": unscaled["step_count"], "fp16_no_clip": unclipped["step_count"]},
-        final_scale=fp16["final_scale"],
-        inf_steps_skipped=inf["skipped_as_expected"],
-        inf_run_steps_taken=inf["step_count"],
-    )
-    problems = [f"{mode}: a step differs from its float64 reference by {error:.2e}"
-                for mode, error in result["step_error"].items() if not error <= STEP_TOL]
-    if not result["fp16_drift_from_fp32"] <= FP16_DRIFT_TOL:
-        problems.append(f"fp16 training drifted from fp32 by {result['fp16_drift_from_fp32']:.2e}")
-    if set(result["steps_taken"].values()) != {steps}:
-        problems.append(f"steps taken {result['steps_taken']} (expected {steps}: a skipped fp16 step)")
-    if inf["skipped_as_expected"] != [True, True] or inf["step_count"] != 1:
-        problems.append(f"inf in a gradient: skipped as expected {inf['skipped_as_expected']}, "
-                        f"steps taken {inf['step_count']} (expected 1 of 3)")
-    result["problems"] = problems
-    result["status"] = "failed" if problems else "ok"
+        found: Counter[str] = Counter()
+        for _ in range(STEADY_STEPS):
+            iteration(lambda name: _sync_warnings(device, found, name))
+        result["sync_debug_per_call"] = {name: found[name] / STEADY_STEPS for name in ("zero_grad", "stash_clean",
+                                                                                      "step")}
+        result["sync_debug_per_step"] = sum(found.values()) / STEADY_STEPS
+    counter = OpCounter()
+    iteration(lambda name: counter)
+    result["dispatched_syncs_per_step"] = counter.syncs
+    result["dispatched_sync_ops"] = {name: n for name, n in counter.names.items() if name in SYNCING}
+    result["kernels_per_step"] = counter.kernels
+    result["step_count"] = opt.step_count
     return result
 
 
-def section_accelerate_fp16(device: torch.device, quick: bool, limit: float, save: Callable[[dict], None]) -> dict:
-    try:
-        import accelerate
-        from accelerate import Accelerator
-    except ImportError as error:
-        return {"status": "skipped", "reason": f"accelerate does not import: {error}"}
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    steps = 3 if quick else 6
-    steps_model, opt, data = _amp_setup(device, steps)
-    if cuda:
-        accelerator = Accelerator(mixed_precision="fp16")
-        model, prepared = accelerator.prepare(steps_model, opt)
-        scaler, backward = accelerator.scaler, accelerator.backward
-    else:
-        # Accelerate makes fp16 and its GradScaler only on accelerators. On the CPU: its
-        # AcceleratedOptimizer with a GradScaler("cpu") given by hand, the loss scaled by hand
-        # (what accelerator.backward does with a scaler), in float32.
-        from accelerate.optimizer import AcceleratedOptimizer
-
-        accelerator = Accelerator(cpu=True)
-        model = accelerator.prepare(steps_model)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-        prepared = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
-
-        def backward(loss: torch.Tensor) -> None:
-            scaler.scale(loss).backward()
-
-    result: dict[str, Any] = {"device": str(accelerator.device), "accelerate": accelerate.__version__,
-                              "mixed_precision": accelerator.mixed_precision, "steps": steps,
-                              "step_tolerance": STEP_TOL, "drift_tolerance": FP16_DRIFT_TOL,
-                              "scaler": type(scaler).__name__ if scaler is not None else None}
-    if not cuda:
-        result["note"] = ("no CUDA device: Accelerate's AcceleratedOptimizer with a GradScaler('cpu') given by hand, "
-                          "float32 (Accelerate makes fp16 and its scaler only on accelerators)")
-    reference = _amp_run(device, steps, "fp32")
-    agr = prepared.optimizer  # the AGROptimizer inside Accelerate's AcceleratedOptimizer
-    check = _StepCheck(model, agr)
-    loss_fn = nn.CrossEntropyLoss()
-    start = _flat_params(model)
-    skipped, accelerate_skipped = [], []
-
-    def iteration(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, inf: bool = False) -> bool:
-        """One step in Accelerate's API; whether AGR skipped it (its step count did not move)."""
-        prepared.zero_grad()
-        backward(loss_fn(model(x), y))
-        check.clean()
-        agr.stash_clean()
-        backward(loss_fn(model(x_adv), y))
-        if inf:
-            next(model.parameters()).grad.view(-1)[0] = float("inf")
-        check.before_step(scaler.get_scale() if scaler is not None else 1.0)
-        count = agr.step_count
-        prepared.step()
-        accelerate_skipped.append(bool(prepared.step_was_skipped))
-        return agr.step_count == count
-
-    for x, x_adv, y in data:
-        skipped.append(iteration(x, x_adv, y))
-        if not skipped[-1]:  # (Accelerate's default scale, 2**16, may overflow on a first step)
-            check.after_step()
-    result.update(step_error=max(check.errors, default=math.nan),
-                  drift_from_fp32=_relative_error(_flat_params(model) - start, reference["delta"]),
-                  steps_skipped=skipped, accelerate_step_was_skipped=accelerate_skipped, steps_taken=agr.step_count,
-                  final_scale=scaler.get_scale() if scaler is not None else None)
-    problems, warnings_ = [], []
-    if scaler is not None:  # an inf must skip the step (GradScaler's contract)
-        before = _flat_params(model)
-        inf_skipped = iteration(*data[0], inf=True)
-        result["inf_step_skipped"] = inf_skipped and torch.equal(before, _flat_params(model))
-        if not result["inf_step_skipped"]:
-            problems.append("an inf in the adversarial gradient did not skip the step")
-        if accelerate_skipped != [*skipped, inf_skipped]:
-            # AGROptimizer sets _step_supports_amp_scaling (GradScaler then always calls its step(),
-            # which skips by itself), and Accelerate counts a step as taken when step() was called.
-            warnings_.append(f"Accelerate's step_was_skipped {accelerate_skipped} disagrees with the steps AGR "
-                             f"skipped {[*skipped, inf_skipped]}: an AcceleratedScheduler then steps the "
-                             "learning rate on skipped steps")
-    if scaler is None:
-        problems.append("Accelerator(mixed_precision='fp16') created no GradScaler")
-    if not result["step_error"] <= STEP_TOL:
-        problems.append(f"a step differs from its float64 reference by {result['step_error']:.2e}")
-    if not result["drift_from_fp32"] <= FP16_DRIFT_TOL and not any(skipped):
-        problems.append(f"training drifted from fp32 by {result['drift_from_fp32']:.2e}")
-    if agr.step_count == 0:
-        problems.append(f"steps taken {agr.step_count} of {steps}, skipped {skipped}")
-    result["problems"], result["warnings"] = problems, warnings_
-    result["status"] = "failed" if problems else "ok"
-    return result
+def section_syncs(s: Section) -> None:
+    """Every granularity, ``fused`` True / "device" / False on CUDA, where the accelerator
+    schedule (True and "device") must make none (the loop's are recorded); on a CPU "device"
+    alone, which must dispatch none."""
+    s.result["runs"] = []
+    # On a CPU only the accelerator schedule forced: the others' host reads are free there.
+    for fused in (True, "device", False) if s.cuda else ("device",):
+        for granularity in GRANULARITIES:
+            run = sync_counts(s.device, fused, granularity)
+            s.result["runs"].append(run)
+            key = {True: "fused_true", "device": "fused_device", False: "fused_false"}[fused]
+            s.result["figures"].setdefault(key, {})[granularity] = {
+                "sync_debug_per_step": run.get("sync_debug_per_step"),
+                "dispatched_syncs_per_step": run["dispatched_syncs_per_step"]}
+            if fused is not False and (run.get("sync_debug_per_step") or run["dispatched_syncs_per_step"]):
+                s.result["problems"].append(f"fused={fused!r}, granularity={granularity}: host syncs per step "
+                                            f"{run.get('sync_debug_per_step')} (sync debug), "
+                                            f"{run['dispatched_sync_ops']} (dispatched)")
+            s.save()
+    if not s.cuda:
+        s.result["note"] = "no CUDA: dispatched syncs only (CUDA's sync debug mode needs a GPU)"
 
 
-# ------------------------------------------------------------------ section: reconstruction
-def _cuda_memory(model_name: str) -> dict[str, Any]:
-    """Peak GPU memory of a few real training steps per variant (``benchmarks/_memory.py``'s
-    training loop, on the device): the caching allocator counts the live tensors exactly."""
+# ----------------------------------------------------------------------- section: memory
+def section_memory(s: Section) -> None:
+    """Peak allocated GPU memory of three training steps (``benchmarks/_memory.py``'s loop at
+    batch 2), plain SGD and AGR(SGD) (the accelerator schedule), each from an empty cache."""
+    if not s.cuda:
+        s.result.update(status="skipped", reason="no CUDA: the CPU's peak RSS is measured by python -m "
+                        "benchmarks.reconstruct (its memory rows, agr_device among them)")
+        return
+    import gc
+
     from . import _memory
 
-    device = torch.device("cuda")
-    rows: dict[str, dict[str, float]] = {}
-    for variant in _memory.VARIANTS:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        row = _memory._train(model_name, variant, steps=3, batch=2, device="cuda")
-        torch.cuda.synchronize(device)
-        rows[variant] = {"peak_bytes": torch.cuda.max_memory_allocated(device) - base,
-                         "param_bytes": row["param_bytes"]}
-    plain, param_bytes = rows["plain"]["peak_bytes"], rows["plain"]["param_bytes"]
-    for row in rows.values():
-        row["extra_over_plain_bytes"] = row["peak_bytes"] - plain
-        row["extra_over_plain_ratio_to_params"] = (row["peak_bytes"] - plain) / param_bytes
-    return {"model": model_name, "steps": 3, "batch": 2, "param_bytes": param_bytes, "variants": rows,
-            "target": {"name": "agr_fused extra / parameters", "limit": 1.25,
-                       "value": rows["agr_fused"]["extra_over_plain_ratio_to_params"],
-                       "met": rows["agr_fused"]["extra_over_plain_ratio_to_params"] <= 1.25}}
+    for model in ("preactresnet18", "wideresnet34_10"):
+        peaks = {}
+        for variant in ("plain", "agr_fused"):
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(s.device)
+            base = torch.cuda.memory_allocated(s.device)
+            torch.cuda.reset_peak_memory_stats(s.device)
+            row = _memory._train(model, variant, steps=3, batch=2, device=str(s.device))
+            torch.cuda.synchronize(s.device)
+            peaks[variant] = torch.cuda.max_memory_allocated(s.device) - base
+        extra = (peaks["agr_fused"] - peaks["plain"]) / row["param_bytes"]
+        s.result["figures"][model] = {"param_bytes": row["param_bytes"], "plain_peak_bytes": peaks["plain"],
+                                      "agr_peak_bytes": peaks["agr_fused"], "extra_peak_over_param_bytes": extra,
+                                      "target": EXTRA_MEMORY_TARGET, "met": extra <= EXTRA_MEMORY_TARGET}
+        if extra > EXTRA_MEMORY_TARGET:
+            s.result["problems"].append(f"{model}: AGR's extra peak memory is {extra:.2f} x the parameters "
+                                        f"(target <= {EXTRA_MEMORY_TARGET})")
+        s.save()
 
 
-def section_reconstruct_benchmark(device: torch.device, quick: bool, limit: float,
-                                  save: Callable[[dict], None]) -> dict:
-    from . import reconstruct
+# ---------------------------------------------------------------------- section: CUDA tests
+_SUMMARY_LINE = re.compile(r"\b(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)\b")
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """The counts of pytest's final summary line (``5 passed, 2 skipped in 3.1s``)."""
+    for line in reversed(output.splitlines()):
+        if re.search(r"\bin [\d.]+s\b", line) and _SUMMARY_LINE.search(line):
+            counts: dict[str, int] = {}
+            for number, word in _SUMMARY_LINE.findall(line):
+                word = {"error": "errors", "warning": "warnings"}.get(word, word)
+                counts[word] = int(number)
+            return counts
+    return {}
+
+
+def section_cuda_tests(s: Section) -> None:
+    """``pytest -m cuda`` over the test suite (on a CPU over tests/test_cuda.py only: the same
+    selection, every test skipped, without collecting the whole suite)."""
+    log = s.out / "cuda_tests.txt"
+    paths = ["tests"] if s.cuda else ["tests/test_cuda.py"]
+    command = [sys.executable, "-m", "pytest", *paths, "-m", "cuda", "-v", "-p", "no:cacheprovider",
+               "--continue-on-collection-errors"]
+    s.result["command"] = "python " + " ".join(command[1:])
+    done = run_command(command, timeout=s.left() - _MARGIN_S, log=log)
+    output = done["output"]
+    counts = pytest_counts(output)
+    # Test modules that do not import here (a package the lent machine lacks): listed, and a
+    # failure only if one of them is test_cuda.py; the CUDA tests of the others still ran.
+    uncollected = sorted(set(re.findall(r"ERROR collecting (\S+)", output)))
+    errors = counts.get("errors", 0) - len(uncollected)
+    s.result.update(returncode=done["returncode"], log=log.name, counts=counts, uncollected_modules=uncollected,
+                    not_passed=[line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))][:30])
+    s.result["figures"] = {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
+                           "errors": errors, "skipped": counts.get("skipped", 0)}
+    if done["timed_out"]:
+        s.result.update(status="timeout", reason="pytest ran past the section's limit (see the log)")
+    elif done["returncode"] not in (0, 1) or not counts:
+        s.result["problems"].append(f"pytest exited with {done['returncode']}: {output[-600:]}")
+    elif counts.get("failed") or errors > 0 or any(m.endswith("test_cuda.py") for m in uncollected):
+        s.result["problems"].append(f"{counts.get('failed', 0)} failed, {errors} errors"
+                                    + (f"; not imported: {', '.join(uncollected)}" if uncollected else ""))
+    elif not s.cuda:
+        s.result.update(status="skipped", reason=f"no CUDA: {counts.get('skipped', 0)} CUDA tests skipped")
+    elif not counts.get("passed"):
+        s.result["problems"].append("no CUDA test passed on a CUDA machine")
+
+
+# ----------------------------------------------------------------------- section: step cost
+class _StepBench:
+    """One model's gradients, a plain foreach SGD and AGR(SGD) optimizers on their own
+    parameters, and the floor's flat buffers; each ``time_*`` runs one timed repeat."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], device: torch.device) -> None:
+        from ._step_ops import _gradients
+
+        self.device, self.shapes = device, shapes
+        self.adversarial, self.clean = _gradients(shapes, device, seed=0)
+        n = sum(math.prod(s) for s in shapes)
+        self.flat = [torch.randn(n, device=device) for _ in range(3)]
+        self.watch = _Stopwatch(device)
+        self.plain_params, self.plain = self._sgd()
+        self.agr: dict[str, tuple[list[torch.Tensor], Any]] = {}
+
+    def _sgd(self) -> tuple[list[torch.Tensor], torch.optim.SGD]:
+        params = [(0.1 * torch.randn(s)).to(self.device).requires_grad_() for s in self.shapes]
+        return params, torch.optim.SGD(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True)
+
+    def add_agr(self, name: str, fused: bool | str) -> None:
+        from agr_optim import AGROptimizer
+
+        params, sgd = self._sgd()
+        self.agr[name] = (params, AGROptimizer(sgd, clip_norm=CLIP_NORM, fused=fused))
+
+    def time_floor(self) -> float:
+        x, y, z = self.flat
+        self.watch.begin()
+        with self.watch.timed():
+            torch.dot(x, y)
+            torch.add(x, y, out=z)
+        return self.watch.end()
+
+    def time_sgd(self) -> float:
+        grads = [g.clone() for g in self.adversarial]
+        self.watch.begin()
+        with self.watch.timed():
+            self.plain.zero_grad()
+        for p, g in zip(self.plain_params, grads, strict=True):
+            p.grad = g
+        with self.watch.timed():
+            self.plain.step()
+        return self.watch.end()
+
+    def time_agr(self, name: str) -> float:
+        self.watch.begin()
+        self.agr_iteration(name, self.watch.timed)
+        return self.watch.end()
+
+    def agr_iteration(self, name: str, around: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        """``zero_grad()``, the clean gradients set, ``stash_clean()``, the adversarial ones set,
+        ``step()``: the optimizer's calls each inside ``around()``; fresh gradients (clones)
+        made before the first."""
+        params, opt = self.agr[name]
+        clean, adversarial = [g.clone() for g in self.clean], [g.clone() for g in self.adversarial]
+        with around():
+            opt.zero_grad()
+        for p, g in zip(params, clean, strict=True):
+            p.grad = g
+        with around():
+            opt.stash_clean()
+        for p, g in zip(params, adversarial, strict=True):
+            p.grad = g
+        with around():
+            opt.step()
+
+    def measure(self, paths: list[str], repeats: int, warmup: int) -> dict[str, Any]:
+        """Interleaved repeats (the order rotated) of the floor, SGD and each AGR path; medians
+        and the medians of per-repeat ratios."""
+        rows: dict[str, Callable[[], float]] = {"floor": self.time_floor, "sgd": self.time_sgd}
+        for path in paths:
+            rows[path] = functools.partial(self.time_agr, path)
+        names = list(rows)
+        for name in names:
+            for _ in range(warmup):
+                rows[name]()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for repeat in range(repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(rows[name]())
+        floor, sgd = times["floor"], times["sgd"]
+        figures: dict[str, Any] = {"floor_ms": statistics.median(floor) * 1e3,
+                                   "sgd_step_ms": statistics.median(sgd) * 1e3, "repeats": repeats}
+        for path in paths:
+            agr = times[path]
+            own = [a - b for a, b in zip(agr, sgd, strict=True)]
+            figures[path] = {
+                "agr_iteration_ms": statistics.median(agr) * 1e3,
+                "agr_iteration_over_sgd_step": _median_ratio(agr, sgd),
+                "agr_own_over_sgd_step": _median_ratio(own, sgd),
+                "agr_own_over_sgd_step_quartiles": _quartiles([o / b for o, b in zip(own, sgd, strict=True)]),
+                "agr_iteration_over_floor": _median_ratio(agr, floor),
+                "agr_own_over_floor": _median_ratio(own, floor),
+            }
+        return figures
+
+    def syncs(self, name: str) -> float | None:
+        """Host syncs of one steady-state AGR iteration (CUDA's sync debug mode)."""
+        if self.device.type != "cuda":
+            return None
+        found: Counter[str] = Counter()
+        self.agr_iteration(name, lambda: _sync_warnings(self.device, found, "all"))
+        return float(found["all"])
+
+    def compiled_agrees(self) -> float:
+        """The compiled reconstruction against the eager one on the same gradients: the largest
+        relative difference over tensors (normwise)."""
+        from agr_optim import functional
+
+        results = {}
+        for fused in (True, "compile"):
+            a = [g.clone() for g in self.adversarial]
+            functional.reconstruct_(a, self.clean, clip_norm=CLIP_NORM, fused=fused)
+            results[fused] = a
+        return max(float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-300))
+                   for x, y in zip(results["compile"], results[True], strict=True))
+
+
+def section_step_cost(s: Section) -> None:
+    """Eager on every model first (the figures that matter most), then the compiled path
+    where time is left; the operations counted on the device and the H200 prediction beside."""
+    from . import _step_ops
     from ._shapes import parameter_shapes
 
-    cuda = device.type == "cuda"
-    deadline = time.monotonic() + limit
-    models = ["preactresnet18", "wideresnet34_10"] if cuda and not quick else ["preactresnet18_w16"]
-    repeats, warmup = (25, 3) if cuda and not quick else (3, 1)
-    result: dict[str, Any] = {"device": str(device), "repeats": repeats, "timing": (
-        "wall time with torch.cuda.synchronize() before and after every timed call" if cuda else
-        "wall time (perf_counter)"), "results": [], "memory": [], "skipped_models": []}
-    if not cuda:
-        result["note"] = "no CUDA device: --quick shapes on the CPU, no compile, no memory rows"
-    tensors = {name: len(parameter_shapes(name)) for name in models}
-    compile_needs, compile_failed = _COMPILE_NEEDS_S, False
-    for index, name in enumerate(models):
-        left = deadline - time.monotonic()
-        if left < 20:
-            result["skipped_models"].append(name)
+    models = ["preactresnet18", "wideresnet34_10"] if s.cuda else ["preactresnet18_w16"]
+    repeats, warmup = (30, 5) if s.cuda else (5, 1)
+    s.result.update(clock="CUDA events, the queue drained before each repeat" if s.cuda else "perf_counter",
+                    definitions={"agr_iteration": "AGROptimizer(SGD): zero_grad() + stash_clean() + step()",
+                                 "sgd_step": "foreach SGD (momentum 0.9, weight decay 5e-4): zero_grad() + step()",
+                                 "agr_own": "agr_iteration - sgd_step, per repeat",
+                                 "floor": "torch.dot(x, y) + torch.add(x, y, out=z) on the flat N elements"})
+    benches = {}
+    for model in models:
+        shapes = parameter_shapes(model)
+        bench = benches[model] = _StepBench(shapes, s.device)
+        bench.add_agr("eager", True)
+        figures = s.result["figures"][model] = bench.measure(["eager"], repeats, warmup)
+        figures["eager"]["syncs_per_iteration"] = bench.syncs("eager")
+        # Counted where it ran: on a CPU the accelerator schedule forced (fused=True is the host one there).
+        counted = _step_ops.count_step(shapes, fused=True if s.cuda else "device", device=s.device)
+        figures["counted"] = {"sgd_step": counted["sgd_step"], "agr_own": counted["agr_own"]}
+        figures["predicted_h200"] = _step_ops.prediction(counted)
+        s.save()
+    if not s.cuda:
+        s.result["compile"] = "not run: no CUDA (compiling on a CPU takes longer than this check's CPU mode)"
+        return
+    if util.find_spec("triton") is None:
+        s.result["problems"].append("fused='compile' not run: triton is not installed")
+        return
+    needs = 60.0  # the first compilation, with a margin
+    for model in models:
+        if s.left() < needs:
+            s.result["figures"][model]["compile"] = f"not run: {s.left():.0f} s left, compiling needs ~{needs:.0f} s"
             continue
-        compiled = cuda and not quick and not compile_failed and left >= compile_needs
-        start = time.monotonic()
-        model = reconstruct.run_model(name, device=device, repeats=repeats, warmup=warmup, peers=False,
-                                      compiled=compiled, memory=False, quick=quick)
-        spent = time.monotonic() - start
-        if cuda and not quick and not compiled:
-            model["compile_skipped"] = ("the compile failed on the previous model" if compile_failed else
-                                        f"{left:.0f} s left, compiling needs about {compile_needs:.0f} s")
-        if compiled:
-            compile_failed = "compile_error" in model
-            # The next model compiles about as many kernels as it has tensors; with a margin.
-            if index + 1 < len(models):
-                compile_needs = 1.3 * spent * tensors[models[index + 1]] / tensors[name]
-        model["table"] = reconstruct.format_table(model)
-        result["results"].append(model)
-        save(result)
-        if cuda and deadline - time.monotonic() >= 15:
-            result["memory"].append(_cuda_memory(name))
-            save(result)
-    done = [m["model"] for m in result["results"]]
-    result["status"] = "ok" if done else "failed"
-    if result["skipped_models"]:
-        result["reason"] = f"time limit: {', '.join(result['skipped_models'])} not run"
-    return result
+        bench = benches[model]
+        try:
+            bench.add_agr("compile", "compile")
+            started = time.monotonic()
+            bench.time_agr("compile")  # compiles
+            compile_s = time.monotonic() - started
+            figures = bench.measure(["compile"], repeats, warmup)
+            figures["compile"].update(compile_s=compile_s, syncs_per_iteration=bench.syncs("compile"))
+            s.result["figures"][model]["compile"] = figures["compile"]
+            s.result["figures"][model]["compile_paired"] = {k: figures[k] for k in ("floor_ms", "sgd_step_ms")}
+            s.save()
+            difference = figures["compile"]["max_relative_difference_to_eager"] = bench.compiled_agrees()
+        except Exception as error:  # no C compiler, an inductor failure: this path only
+            s.result["figures"][model]["compile_error"] = _error_text(error, 800)
+            s.result["problems"].append(f"{model}: fused='compile' failed: {str(error).splitlines()[0][:200]}")
+            break
+        if not difference <= COMPILE_TOL:
+            s.result["problems"].append(f"{model}: the compiled reconstruction differs from the eager one by "
+                                        f"{difference:.2e} (tolerance {COMPILE_TOL:g})")
+        needs = 1.5 * compile_s + 15.0
+        s.save()
 
 
-SECTION_FUNCTIONS: dict[str, Callable[[torch.device, bool, float, Callable[[dict], None]], dict]] = {
-    "no_sync": section_no_sync,
-    "amp_fp16": section_amp_fp16,
-    "accelerate_fp16": section_accelerate_fp16,
-    "reconstruct_benchmark": section_reconstruct_benchmark,
+# ----------------------------------------------------------------------- section: epoch cost
+def write_synthetic_npz(path: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Random uint8 32x32 RGB images with balanced labels of 10 classes (every class present)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, Any] = {"num_classes": np.int64(10)}
+    for split, n in (("train", n_train), ("test", n_test)):
+        arrays[f"x_{split}"] = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        arrays[f"y_{split}"] = rng.permutation(np.arange(n) % 10).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def _synthetic(s: Section) -> Path:
+    path = s.out / "synthetic32.npz"
+    if not path.exists():
+        n_train, n_test = (1024, 256) if s.cuda else (32, 16)
+        write_synthetic_npz(path, n_train, n_test)
+    return path
+
+
+def section_epoch_cost(s: Section) -> None:
+    """``benchmarks.train_cost`` on PreActResNet-18, batch 128, PGD-10, fp32 then bf16: 8
+    batches per epoch, 3 repeats of every arm after a warm-up epoch. On a CPU: SmallCNN,
+    batch 8, PGD-1, one batch, fp32 only (bf16 autocast is CUDA's in agr-train)."""
+    data = _synthetic(s)
+    if s.cuda:
+        settings = ["--model", "preactresnet18", "--batch-size", "128", "--attack-steps", "10", "--max-batches", "8",
+                    "--repeats", "3", "--device", str(s.device)]
+        amps = ["none", "bf16"]
+    else:
+        settings = ["--model", "smallcnn", "--batch-size", "8", "--attack-steps", "1", "--max-batches", "1",
+                    "--repeats", "1", "--device", "cpu"]
+        amps = ["none"]
+        s.result["note"] = "no CUDA: SmallCNN at tiny sizes on the CPU (the plumbing, not a GPU figure)"
+    s.result["arms"] = {"agr": "AGR-AT", "plain": "PGD-AT (the 'AT epoch')",
+                        "floor": "PGD-AT plus the clean backward pass, its gradient discarded"}
+    for index, amp in enumerate(amps):
+        label = "fp32" if amp == "none" else amp
+        out = s.out / f"epoch_cost_{label}.json"
+        command = [sys.executable, "-m", "benchmarks.train_cost", "--dataset", "npz", "--data-dir", str(data),
+                   "--eps", "0.0314", *settings, "--amp", amp, "--out", str(out)]
+        # An equal share of what is left for each run still to come.
+        done = run_command(command, timeout=(s.left() - _MARGIN_S) / (len(amps) - index))
+        if done["timed_out"] or done["returncode"] != 0 or not out.exists():
+            what = "ran past its share of the limit" if done["timed_out"] else f"exited with {done['returncode']}"
+            s.result["figures"][label] = {"error": f"train_cost {what}: {done['output'][-800:]}"}
+            s.result["problems"].append(f"{label}: train_cost {what}")
+            s.save()
+            continue
+        report = json.loads(out.read_text())
+        ratios = report["paired_ratio_quartiles"]
+        s.result["figures"][label] = {
+            "agr_at_epoch_over_at_epoch": ratios["agr/plain"][1],
+            "agr_at_epoch_over_at_epoch_quartiles": [ratios["agr/plain"][0], ratios["agr/plain"][2]],
+            "agr_at_epoch_over_floor_epoch": ratios["agr/floor"][1],
+            "floor_epoch_over_at_epoch": ratios["floor/plain"][1],
+            "seconds_per_epoch_median": report["seconds_per_epoch_median"],
+            "steps_per_epoch": report["setup"]["steps_per_epoch"],
+            "command": "python " + " ".join(command[1:]),
+        }
+        s.save()
+
+
+# ----------------------------------------------------------------------- section: agr-train
+#: What the section reads from the run's summary.json, by name.
+SUMMARY_KEYS = ("complete", "epochs_done", "seconds_per_epoch", "final")
+FINAL_KEYS = ("train_loss", "train_robust_acc", "test_robust_acc", "agr_active", "agr_cosine")
+
+
+def section_agr_train(s: Section) -> None:
+    """One epoch of ``python -m agr_optim.train`` with AGR from the first step (flags that exist
+    since issue 14), then its summary.json by key names."""
+    data = _synthetic(s)
+    folder = s.out / "agr_train"
+    if folder.exists():
+        shutil.rmtree(folder)  # (ours: a rerun into the same --out)
+    sizes = ["--batch-size", "128", "--attack-steps", "10", "--eval-steps", "2"] if s.cuda else \
+        ["--batch-size", "16", "--attack-steps", "1", "--eval-steps", "1"]
+    command = [sys.executable, "-m", "agr_optim.train", "--preset", "quick", "--dataset", "npz", "--data-dir",
+               str(data), "--model", "smallcnn", "--epochs", "1", "--agr", "--agr-start-epoch", "0",
+               "--eval-every", "1", *sizes, "--device", str(s.device), "--out", str(folder)]
+    s.result["command"] = "python " + " ".join(command[1:])
+    done = run_command(command, timeout=s.left() - _MARGIN_S)
+    s.result.update(returncode=done["returncode"], wall_s=done["seconds"], output_tail=done["output"][-1500:])
+    summary_path = folder / "summary.json"
+    if done["timed_out"]:
+        s.result.update(status="timeout", reason="the training run ran past the section's limit")
+        return
+    if done["returncode"] != 0 or not summary_path.exists():
+        s.result["problems"].append(f"agr_optim.train exited with {done['returncode']}"
+                                    + ("" if summary_path.exists() else " and wrote no summary.json"))
+        return
+    summary = json.loads(summary_path.read_text())
+    final = summary.get("final") or {}
+    missing = [k for k in SUMMARY_KEYS if k not in summary] + [f"final.{k}" for k in FINAL_KEYS if k not in final]
+    s.result["figures"] = {"seconds_per_epoch": summary.get("seconds_per_epoch"),
+                           **{key: final.get(key) for key in FINAL_KEYS}}
+    if missing:
+        s.result["problems"].append(f"summary.json lacks {', '.join(missing)}")
+    if summary.get("complete") is not True or final.get("agr_active") != 1:
+        s.result["problems"].append(f"the run did not complete with AGR on: complete={summary.get('complete')}, "
+                                    f"agr_active={final.get('agr_active')}")
+    loss = final.get("train_loss")
+    if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        s.result["problems"].append(f"train_loss is {loss!r}")
+
+
+SECTION_FUNCTIONS: dict[str, Callable[[Section], None]] = {
+    "syncs": section_syncs,
+    "memory": section_memory,
+    "cuda_tests": section_cuda_tests,
+    "step_cost": section_step_cost,
+    "epoch_cost": section_epoch_cost,
+    "agr_train": section_agr_train,
 }
 
 
-def _child(section: str, out: Path, limit: float, quick: bool, device_name: str) -> None:
-    """A section in this (fresh) process: its result, partial ones included, goes to ``out``."""
-    device = torch.device(device_name)
-
-    def save(partial: dict) -> None:
-        _write_json(out, {**partial, "status": "timeout", "partial": True})
-
+def _section_main(name: str, out: Path, limit: float, device_name: str) -> None:
+    """A section in this (fresh) process; its result goes to ``out/sections/name.json``."""
+    s = Section(name, out, torch.device(device_name), time.monotonic() + limit)
     try:
-        result = SECTION_FUNCTIONS[section](device, quick, limit, save)
+        SECTION_FUNCTIONS[name](s)
+        s.finish()
     except Exception as error:
-        partial = json.loads(out.read_text()) if out.exists() else {}
-        result = {**partial, "status": "error", "partial": bool(partial), "error": _error_text(error)}
-    _write_json(out, result)
-
-
-# --------------------------------------------------------------------- section: CUDA tests
-def is_cuda_test(item: Any) -> bool:
-    """A test that needs CUDA: marked ``@pytest.mark.cuda``, or skipped by a ``skipif`` whose
-    reason names CUDA or a GPU (the convention of tests written before the marker)."""
-    if item.get_closest_marker("cuda") is not None:
-        return True
-    for mark in item.iter_markers("skipif"):
-        reason = str(mark.kwargs.get("reason", ""))
-        if re.search(r"\b(cuda|gpu)\b", reason, re.IGNORECASE):
-            return True
-    return False
-
-
-def pytest_addoption(parser: Any) -> None:
-    """Loaded as a pytest plugin (``-p benchmarks.gpu_check``): ``--cuda-only`` keeps the CUDA tests."""
-    parser.addoption("--cuda-only", action="store_true", help="run only the tests that need CUDA")
-
-
-def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    if not config.getoption("--cuda-only"):
-        return
-    keep = [item for item in items if is_cuda_test(item)]
-    drop = [item for item in items if not is_cuda_test(item)]
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-    items[:] = keep
-
-
-def parse_junit(path: Path) -> dict[str, Any]:
-    """Counts and per-test outcomes from pytest's JUnit XML."""
-    root = ET.parse(path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    assert suite is not None, f"no testsuite in {path}"
-    tests = []
-    for case in suite.iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                message = (node.get("message") or "")[:300]
-                break
-        tests.append({"id": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0.0), "message": message})
-    # A module that does not import shows as one test with an error "collection failure".
-    broken = [t for t in tests if t["outcome"] == "error" and "collection failure" in t["message"]]
-    tests = [t for t in tests if t not in broken]
-    count = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "error", "skipped")}
-    return {"collected": len(tests), "passed": count["passed"], "failed": count["failed"],
-            "errors": count["error"], "skipped": count["skipped"], "tests": tests,
-            "collection_errors": [t["id"].strip(":") for t in broken]}
-
-
-def cuda_test_command(junit: Path, paths: tuple[str, ...] = ("tests",)) -> list[str]:
-    """pytest on the CUDA tests only (this module as a plugin), JUnit XML to ``junit``. A test
-    module that does not import on this machine must not stop the CUDA tests of the others."""
-    return [sys.executable, "-m", "pytest", *paths, "-p", "benchmarks.gpu_check", "--cuda-only", "-q",
-            "-p", "no:cacheprovider", "--continue-on-collection-errors", f"--junitxml={junit}"]
-
-
-def section_cuda_tests(out_dir: Path, limit: float, cuda: bool) -> dict[str, Any]:
-    junit = out_dir / "cuda_tests.xml"
-    command = cuda_test_command(junit)
-    done = _run_command(command, timeout=limit)
-    result: dict[str, Any] = {"command": " ".join(command[1:]), "returncode": done["returncode"],
-                              "output_tail": (done["stdout"] + done["stderr"])[-3000:]}
-    if done["timed_out"]:
-        return {**result, "status": "timeout", "reason": f"pytest ran past {limit:.0f} s"}
-    if not junit.exists():
-        return {**result, "status": "error", "error": "pytest wrote no JUnit XML"}
-    result.update(parse_junit(junit))
-    # pytest's exit code 5: nothing collected (every test deselected), which is a failure here.
-    bad_exit = done["returncode"] not in (0, 5)
-    if result["failed"] or result["errors"] or result["collection_errors"] or bad_exit or result["collected"] == 0:
-        result["status"] = "failed"
-        if result["collection_errors"]:  # their CUDA tests, if any, did not run
-            result["reason"] = f"test modules that do not import: {', '.join(result['collection_errors'])}"
-    elif not cuda:
-        result["status"] = "skipped"
-        result["reason"] = f"no CUDA device: {result['collected']} CUDA tests collected, {result['skipped']} skipped"
-    elif result["passed"] == 0:
-        result["status"] = "failed"
-        result["reason"] = "no CUDA test passed (all skipped on a CUDA machine)"
-    else:
-        result["status"] = "ok"
-    return result
-
-
-# ----------------------------------------------------------------------- section: training
-_EPOCH_KEY = re.compile(r"(sec|second|time|_s$).*epoch|epoch.*(sec|second|time|_s$)", re.IGNORECASE)
-
-
-def _epoch_timings(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Numbers (or lists of numbers) under keys that name seconds per epoch, anywhere in a JSON."""
-    found: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            numeric = _finite(value) or (isinstance(value, list) and value and all(_finite(v) for v in value))
-            if _EPOCH_KEY.search(str(key)) and numeric:
-                found[path] = value
-            else:
-                found.update(_epoch_timings(value, path))
-    elif isinstance(data, list):
-        for index, value in enumerate(data[:50]):
-            found.update(_epoch_timings(value, f"{prefix}[{index}]"))
-    return found
-
-
-def _agr_off_flag(help_text: str) -> list[str] | None:
-    """The training command's switch for a run without AGR, if its --help shows one."""
-    if re.search(r"--no-agr(?![\w-])", help_text):
-        return ["--no-agr"]
-    match = re.search(r"--agr\s+\{([^}]*)\}", help_text)
-    if match:
-        for choice in ("off", "none", "no", "false"):
-            if choice in [c.strip() for c in match.group(1).split(",")]:
-                return ["--agr", choice]
-    return None
-
-
-#: The training run: the command the issue names, for one epoch.
-TRAIN_ARGS = ["--preset", "quick", "--dataset", "digits", "--model", "smallcnn", "--epochs", "1"]
-TRAIN_RUN_S = 90.0  # the AGR run's bound; the run without AGR gets what the section has left
-
-
-def _fresh_folder(out_dir: Path, name: str) -> Path:
-    """``DIR/name``, or ``DIR/name_2``... when a previous check left it non-empty (the command
-    refuses a used --out folder, and earlier results are not ours to delete)."""
-    folder, n = out_dir / name, 2
-    while folder.exists() and any(folder.iterdir()):
-        folder, n = out_dir / f"{name}_{n}", n + 1
-    return folder
-
-
-def section_training(out_dir: Path, limit: float, cuda: bool) -> dict[str, Any]:
-    try:
-        found = importlib.util.find_spec("agr_optim.train") is not None
-    except ImportError as error:  # agr_optim itself does not import
-        return {"status": "error", "error": f"agr_optim does not import: {error}"}
-    if not found:
-        return {"status": "skipped", "reason": "skipped: no training command (agr_optim.train does not exist)"}
-    deadline = time.monotonic() + limit
-    base = [sys.executable, "-m", "agr_optim.train"]
-    shown = _run_command([*base, "--help"], timeout=min(30.0, limit))
-    help_text = shown["stdout"]
-    if shown["returncode"] != 0:
-        return {"status": "failed", "reason": f"`python -m agr_optim.train --help` exited with {shown['returncode']}",
-                "output_tail": (shown["stdout"] + shown["stderr"])[-2000:]}
-    missing = [flag for flag in (*TRAIN_ARGS[::2], "--device", "--out") if flag not in help_text]
-    if missing:
-        return {"status": "failed", "reason": f"agr_optim.train --help does not offer {', '.join(missing)}"}
-    # AGR on for the whole (single) epoch where the command lets us say so.
-    agr_on = ["--agr"] if re.search(r"--agr(?![\w-])", help_text) else []
-    agr_on += ["--agr-start-epoch", "0"] if "--agr-start-epoch" in help_text else []
-    agr_off = _agr_off_flag(help_text)
-    device = "cuda" if cuda else "cpu"
-    result: dict[str, Any] = {"device": device, "agr_on_flags": agr_on, "agr_off_flags": agr_off, "runs": {}}
-    if not cuda:
-        result.update(status="skipped", reason="no CUDA device: the training run is a GPU check (the command's --help "
-                      "offers every flag it uses)")
-        return result
-
-    def train(extra: list[str], name: str) -> dict[str, Any]:
-        folder = _fresh_folder(out_dir, name)
-        command = [*base, *TRAIN_ARGS, "--device", device, "--out", str(folder), *extra]
-        done = _run_command(command, timeout=min(TRAIN_RUN_S, deadline - time.monotonic()))
-        run: dict[str, Any] = {"command": "python " + " ".join(command[1:]), "returncode": done["returncode"],
-                               "timed_out": done["timed_out"], "wall_s": done["seconds"],
-                               "output_tail": (done["stdout"] + done["stderr"])[-2000:], "json": {}}
-        for path in sorted(folder.rglob("*.json")) if folder.exists() else []:
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                run["json"][str(path.relative_to(out_dir))] = f"unreadable: {error}"
-                continue
-            run["json"][str(path.relative_to(out_dir))] = {
-                "keys": sorted(data)[:40] if isinstance(data, dict) else type(data).__name__,
-                "epoch_timings": _epoch_timings(data)}
-        timings = [v for j in run["json"].values() if isinstance(j, dict) for v in j["epoch_timings"].values()]
-        run["seconds_per_epoch"] = next((v for v in timings if _finite(v)), None)
-        return run
-
-    agr = result["runs"]["agr"] = train(agr_on, "train")
-    if agr_off is None:
-        result["agr_off"] = "not offered by `python -m agr_optim.train --help` (no --no-agr or --agr off)"
-    elif agr["returncode"] != 0 or deadline - time.monotonic() < 20:
-        result["agr_off"] = "not run: the AGR run failed" if agr["returncode"] != 0 else "not run: no time left"
-    else:
-        result["runs"]["plain"] = train(agr_off, "train_no_agr")
-    result["seconds_per_epoch"] = {arm: r["seconds_per_epoch"] for arm, r in result["runs"].items()}
-    if agr["timed_out"]:
-        result.update(status="timeout", reason="the AGR training run ran past its limit")
-    elif agr["returncode"] != 0:
-        result.update(status="failed", reason=f"agr_optim.train exited with {agr['returncode']}")
-    elif "plain" in result["runs"] and result["runs"]["plain"]["returncode"] != 0:
-        result.update(status="failed", reason="the run without AGR failed")
-    else:
-        result["status"] = "ok"
-    return result
+        s.result.update(status="error", error=_error_text(error))
+    write_json(s.path, s.result)
 
 
 # -------------------------------------------------------------------------------- the driver
-def _plan_limit(name: str, remaining: float, later: int, overrides: dict[str, float]) -> float:
-    """This section's limit: its cap, and never more than the budget can spare for it."""
-    cap = overrides.get(name, SECTIONS[name])
-    return min(cap, remaining - _FINAL_S - _KEEP_S * later)
+def environment() -> dict[str, Any]:
+    """What a reader needs to compare two runs, and what the lent machine lacks."""
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "packages": {p: version(p) for p in ("numpy", "triton", "pillow", "pytest", "hypothesis", "accelerate")},
+        "c_compiler": shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
+        "source_sha256": _source_hash(),
+    }
+    if shutil.which("git"):
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+        info["git_commit"] = done.stdout.strip() if done.returncode == 0 else None
+    if info["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                          "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count()}
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
 
 
-def _run_section(name: str, out_dir: Path, limit: float, quick: bool, cuda: bool) -> dict[str, Any]:
-    if name == "cuda_tests":
-        return section_cuda_tests(out_dir, limit, cuda)
-    if name == "training":
-        return section_training(out_dir, limit, cuda)
-    sections = out_dir / "sections"
-    sections.mkdir(exist_ok=True)
-    out = sections / f"{name}.json"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--child", name, "--child-out", str(out),
-               "--child-limit", f"{max(limit - _CHILD_MARGIN_S, 1.0):.1f}", "--device", "cuda" if cuda else "cpu",
-               *(["--quick"] if quick else [])]
-    # The child plans with its limit less a margin (to write its result); the parent kills it at the limit.
-    done = _run_command(command, timeout=limit)
-    result = json.loads(out.read_text()) if out.exists() else {}
+def _source_hash() -> str:
+    """The package's, the benchmarks' and the tests' Python files: the lent machine may get the
+    working tree without .git."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("agr_optim/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def plan_limit(name: str, remaining: float, later: int, overrides: dict[str, float]) -> float:
+    """A section's limit: its cap, and never more than the budget spares after keeping
+    ``_RESERVE_S`` for each of the ``later`` sections."""
+    return min(overrides.get(name, SECTIONS[name]), remaining - _FINAL_S - _RESERVE_S * later)
+
+
+def run_section(name: str, out: Path, limit: float, device: str) -> dict[str, Any]:
+    """One section in its own process, killed at ``limit``; what it saved, with its status."""
+    path = out / "sections" / f"{name}.json"
+    path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name, "--out", str(out),
+               "--limit", f"{max(limit - _MARGIN_S, 1.0):.1f}", "--device", device]
+    done = run_command(command, timeout=limit, own_group=True)
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if done["timed_out"]:
         result.update(status="timeout", reason=f"ran past its limit of {limit:.0f} s", partial=bool(result))
-    elif not result:
-        result = {"status": "error", "error": f"the section's process exited with {done['returncode']} and wrote "
-                  f"nothing: {done['stderr'][-1500:]}"}
-    elif result.get("status") == "timeout":  # the child died after a partial save
-        result.update(status="error", error=f"the section's process exited with {done['returncode']}: "
-                      f"{done['stderr'][-1500:]}")
+    elif not result or result.get("partial"):
+        result.update(status="error", error=f"the section's process exited with {done['returncode']}"
+                      f"{' after a partial save' if result else ' and wrote nothing'}: {done['output'][-1500:]}")
+    if result.get("status") not in STATUSES:
+        result.update(status="error", error=f"no valid status: {result.get('status')!r}")
     return result
 
 
-def run(out_dir: Path, *, budget: float, quick: bool, sections: list[str], overrides: dict[str, float],
-        command: str) -> dict[str, Any]:
+def run(out: Path, *, budget: float, sections: list[str], overrides: dict[str, float], command: str) -> dict[str, Any]:
     start = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    quick = quick or not cuda
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "command": command, "started_at": _now(),
-                              "budget_s": budget, "quick": quick, "cuda": cuda, "environment": {}, "sections": {}}
+                              "budget_s": budget, "cuda": cuda, "environment": {}, "sections": {}, "figures": {}}
     try:
         report["environment"] = environment()
-    except Exception as error:  # nothing here should stop the checks
+    except Exception as error:  # nothing here may stop the checks
         report["environment"] = {"error": _error_text(error, 600)}
+    print(f"agr_optim GPU check: {'CUDA: ' + torch.cuda.get_device_name(0) if cuda else 'NO CUDA DEVICE'}, "
+          f"budget {budget:.0f} s", file=sys.stderr, flush=True)
     order = [name for name in SECTIONS if name in sections]
     for index, name in enumerate(order):
         remaining = budget - (time.monotonic() - start)
-        limit = _plan_limit(name, remaining, len(order) - index - 1, overrides)
-        section_start = time.monotonic()
+        limit = plan_limit(name, remaining, len(order) - index - 1, overrides)
+        began = time.monotonic()
         if limit < _MIN_S and name not in overrides:
-            # Not run for want of time: a timeout of the run as a whole, not a skip.
-            result = {"status": "timeout", "reason": f"not started: budget exhausted ({remaining:.0f} s of "
-                      f"{budget:.0f} s left)"}
+            result: dict[str, Any] = {"status": "timeout",
+                                      "reason": f"not started: {remaining:.0f} s of the budget left"}
         else:
             try:
-                result = _run_section(name, out_dir, limit, quick, cuda)
+                result = run_section(name, out, limit, "cuda" if cuda else "cpu")
             except Exception as error:
                 result = {"status": "error", "error": _error_text(error)}
-        result["seconds"] = time.monotonic() - section_start
-        result["limit_s"] = max(limit, 0.0)
-        if result.get("status") not in STATUSES:
-            result = {**result, "status": "error", "error": f"no valid status: {result.get('status')!r}"}
+        result.update(seconds=time.monotonic() - began, limit_s=max(limit, 0.0))
         report["sections"][name] = result
-        print(f"[{result['status']:>7}] {name} ({result['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        report["figures"][name] = result.get("figures", {})
+        print(f"[{result['status']:>7}] {name}: {result['seconds']:.1f} s (limit {result['limit_s']:.0f} s), "
+              f"{time.monotonic() - start:.0f} s elapsed", file=sys.stderr, flush=True)
     report["finished_at"] = _now()
     report["elapsed_s"] = time.monotonic() - start
     report["overall"] = "ok" if all(s["status"] in ("ok", "skipped") for s in report["sections"].values()) else \
         "failed"
-    _write_json(out_dir / "gpu_check.json", report)
+    write_json(out / "gpu_check.json", report)
     summary = format_summary(report)
-    (out_dir / "summary.txt").write_text(summary + "\n")
+    (out / "summary.txt").write_text(summary + "\n")
     print(summary, flush=True)
     return report
 
 
 # ------------------------------------------------------------------------------- the summary
-def _fmt(value: Any, spec: str = ".3g") -> str:
-    return format(value, spec) if _finite(value) else str(value)
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
 def _describe(name: str, s: dict[str, Any]) -> list[str]:
-    """The figures of one section, a few lines."""
+    """A few lines of a section's figures."""
+    f = s.get("figures") or {}
     lines: list[str] = []
-    if name == "no_sync" and "runs" in s:
-        for r in s["runs"]:
-            label = f"fused={r['fused']!s:7} {r['granularity']:6} ({r['mode']})"
-            if r.get("synced") is None:
-                lines.append(f"{label}: ran {r.get('step_count')} steps, sync not checked (no CUDA)")
-            elif r.get("synced") and "syncs_per_call" not in r:
-                lines.append(f"{label}: HOST SYNC in {r['synced_in']}: {r['error']}")
-            elif "syncs_per_call" in r:
-                per = ", ".join(f"{k} {_fmt(v)}" for k, v in r["syncs_per_call"].items())
-                lines.append(f"{label}: {'syncs per call: ' + per if r['synced'] else 'no host sync'}")
-        for a in s.get("agreement", []):
-            lines.append(f"reconstruct fused={a['fused']!s:7} vs float64 per-layer reference: max relative error "
-                         f"{_fmt(a['max_relative_error'])} (tol {a['tolerance']:g}) {'ok' if a['ok'] else 'FAILED'}")
-        if s.get("compile_error"):
-            lines.append("compile path: " + s["compile_error"].strip().splitlines()[-1][:200])
-    elif name == "amp_fp16" and "step_error" in s:
-        errors = ", ".join(f"{mode} {_fmt(e)}" for mode, e in s["step_error"].items())
-        lines.append(f"{s['scaler']}, {s['steps']} steps; each step against its float64 reference: {errors} "
-                     f"(tol {s['step_tolerance']:g})")
-        lines.append(f"fp16 training drift from fp32 {_fmt(s['fp16_drift_from_fp32'])} (sanity bound "
-                     f"{s['drift_tolerance']:g}); unscale_() then step() vs step(): "
-                     f"{_fmt(s['unscale_vs_step_relative_error'])}")
-        lines.append(f"inf in the adversarial / the stashed clean gradient skipped the step: {s['inf_steps_skipped']}; "
-                     f"final scale {_fmt(s['final_scale'])}")
-    elif name == "accelerate_fp16" and "step_error" in s:
-        lines.append(f"accelerate {s['accelerate']}, mixed_precision={s['mixed_precision']}, scaler {s['scaler']}, "
-                     f"{s['steps_taken']} of {s['steps']} steps taken; each step against its float64 reference "
-                     f"{_fmt(s['step_error'])} (tol {s['step_tolerance']:g}); drift from fp32 "
-                     f"{_fmt(s['drift_from_fp32'])} (sanity bound {s['drift_tolerance']:g})")
-    elif name == "cuda_tests" and "collected" in s:
-        lines.append(f"{s['collected']} collected: {s['passed']} passed, {s['failed']} failed, {s['errors']} errors, "
-                     f"{s['skipped']} skipped")
-        lines += [f"{t['outcome'].upper()} {t['id']}: {t['message'][:150]}" for t in s["tests"]
-                  if t["outcome"] in ("failed", "error")]
-    elif name == "reconstruct_benchmark":
-        for model in s.get("results", []):
-            lines += model["table"].splitlines()
-            if model.get("compile_error"):
-                lines.append("  compile error: " + model["compile_error"][:200])
-        for memory in s.get("memory", []):
-            fused = memory["variants"]["agr_fused"]
-            lines.append(f"GPU memory {memory['model']}: AGR fused extra peak "
-                         f"{fused['extra_over_plain_bytes'] / 2**20:.1f} MiB = "
-                         f"{fused['extra_over_plain_ratio_to_params']:.2f} x parameters (<= 1.25)")
-    elif name == "training" and "runs" in s:
-        for arm, r in s["runs"].items():
-            lines.append(f"{arm}: exit {r['returncode']}, {r['wall_s']:.1f} s wall, seconds per epoch "
-                         f"{_fmt(r['seconds_per_epoch'])}: {r['command']}")
-        if s.get("agr_off"):
-            lines.append(f"AGR off: {s['agr_off']}")
-    for problem in s.get("problems", []):
-        lines.append(f"PROBLEM: {problem}")
-    for warning in s.get("warnings", []):
-        lines.append(f"warning: {warning}")
-    if s.get("note"):
-        lines.append(f"note: {s['note']}")
+    if name == "syncs":
+        for key, by_granularity in f.items():
+            lines.append(f"{key}: " + ", ".join(
+                f"{g} {_fmt(v['sync_debug_per_step'])} (sync debug) / {v['dispatched_syncs_per_step']} (dispatched)"
+                for g, v in by_granularity.items()))
+    elif name == "memory":
+        lines += [f"{model}: extra peak {_fmt(v['extra_peak_over_param_bytes'])} x parameters (target <= "
+                  f"{v['target']})" for model, v in f.items()]
+    elif name == "cuda_tests":
+        lines.append(", ".join(f"{v} {k}" for k, v in f.items()))
+        lines += s.get("not_passed", [])[:10]
+    elif name == "step_cost":
+        for model, v in f.items():
+            for path in ("eager", "compile"):
+                p = v.get(path)
+                if isinstance(p, dict) and "agr_iteration_ms" in p:
+                    lines.append(f"{model} {path}: AGR iteration {_fmt(p['agr_iteration_ms'])} ms, SGD step "
+                                 f"{_fmt(v['sgd_step_ms'] if path == 'eager' else v['compile_paired']['sgd_step_ms'])}"
+                                 f" ms; AGR own / SGD {_fmt(p['agr_own_over_sgd_step'])}, AGR / floor "
+                                 f"{_fmt(p['agr_iteration_over_floor'])}, syncs {_fmt(p['syncs_per_iteration'])}")
+                elif p is not None:
+                    lines.append(f"{model} {path}: {str(p)[:200]}")
+            predicted = v.get("predicted_h200")
+            if predicted:
+                lines.append(f"{model}: predicted AGR own / SGD {_fmt(predicted['agr_own_over_sgd_step'])}")
+    elif name == "epoch_cost":
+        for label, v in f.items():
+            if "agr_at_epoch_over_at_epoch" in v:
+                lines.append(f"{label}: AGR-AT epoch / AT epoch {_fmt(v['agr_at_epoch_over_at_epoch'])} "
+                             f"(quartiles {', '.join(_fmt(q) for q in v['agr_at_epoch_over_at_epoch_quartiles'])})")
+    elif name == "agr_train":
+        lines.append(", ".join(f"{k} {_fmt(v)}" for k, v in f.items()))
+    lines += [f"PROBLEM: {p}" for p in s.get("problems", [])]
+    if s.get("error"):
+        lines.append("error: " + s["error"].strip().splitlines()[-1][:300])
     return lines
 
 
 def format_summary(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"agr_optim GPU check ({report['started_at']}): {report['elapsed_s']:.1f} s of a "
-             f"{report['budget_s']:.0f} s budget, overall {report['overall'].upper()}"]
-    lines.append(f"torch {env.get('torch')} (CUDA build {env.get('torch_cuda')}), Python {env.get('python')}, "
-                 f"commit {str(env.get('git_commit'))[:10]}, sources {str(env.get('source_sha256'))[:12]}")
+             f"{report['budget_s']:.0f} s budget, overall {report['overall'].upper()}",
+             f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), Python {env.get('python')}, commit "
+             f"{str(env.get('git_commit'))[:10]}, sources {str(env.get('source_sha256'))[:12]}"]
     if report["cuda"]:
-        for d in env.get("devices", []):
-            lines.append(f"device: {d['name']} (sm {d['capability']}, {d['total_memory_gib']} GiB), cuDNN "
-                         f"{env.get('cudnn')}, driver {env.get('driver')}")
+        device = env.get("device", {})
+        lines.append(f"device: {device.get('name')} (sm {device.get('capability')}, {device.get('memory_gib')} GiB), "
+                     f"cuDNN {env.get('cudnn')}, triton {env.get('packages', {}).get('triton')}")
     else:
-        lines.append("NO CUDA DEVICE: only the CPU parts ran (quick shapes); nothing below is a GPU result")
+        lines.append("NO CUDA DEVICE: only the CPU parts ran, at tiny sizes; nothing below is a GPU result")
     for name, s in report["sections"].items():
         head = f"[{s['status']:>7}] {name} ({s['seconds']:.1f} s of {s['limit_s']:.0f} s)"
-        if s.get("reason"):
-            head += f": {s['reason']}"
-        lines.append(head)
+        lines.append(head + (f": {s['reason']}" if s.get("reason") else ""))
         lines += [f"    {line}" for line in _describe(name, s)]
-        if s.get("error"):
-            lines.append("    error: " + s["error"].strip().splitlines()[-1][:300])
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Checks and benchmarks for a CUDA machine (docs/benchmarks.rst)")
-    parser.add_argument("--out", help="folder for gpu_check.json, summary.txt and the sections' files")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
-    parser.add_argument("--quick", action="store_true", help="the quick shapes even on CUDA (always without CUDA)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json, summary.txt and the sections' files")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for everything (default {BUDGET_S:g})")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run only these sections")
     parser.add_argument("--section-limit", action="append", default=[], metavar="NAME=SECONDS",
-                        help="override a section's time cap")
-    parser.add_argument("--child", choices=list(SECTION_FUNCTIONS), help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    parser.add_argument("--child-limit", type=float, help=argparse.SUPPRESS)
+                        help="a section's cap instead of its default")
+    parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # a section's process
+    parser.add_argument("--limit", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        _child(args.child, Path(args.child_out), args.child_limit, args.quick, args.device)
+    out = Path(args.out).resolve()  # absolute: the sections run in the repository root
+    if args.section:
+        _section_main(args.section, out, args.limit or SECTIONS[args.section], args.device)
         return 0
-    if not args.out:
-        parser.error("--out DIR is required")
     if not args.budget > 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     overrides = {}
@@ -1104,9 +913,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--section-limit takes NAME=SECONDS with NAME one of {', '.join(SECTIONS)}, got {item!r}")
         overrides[name] = float(seconds)
     command = "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
-    # Absolute: the sections' processes and pytest run in the repository root.
-    report = run(Path(args.out).resolve(), budget=args.budget, quick=args.quick, sections=args.sections,
-                 overrides=overrides, command=command)
+    report = run(out, budget=args.budget, sections=args.sections, overrides=overrides, command=command)
     return 0 if report["overall"] == "ok" else 1
 
 
