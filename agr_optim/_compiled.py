@@ -40,7 +40,7 @@ def _rows_compilable(
         a, c = a_row.view(shape).to(acc), c_row.view(shape).to(acc)
         dot = (a * c).sum(1)  # the last chunk is padding: its sums pad the gather
         chunks = torch.stack([(a * a).sum(1), dot, dot, (c * c).sum(1)], 1)
-        part = chunks.index_select(0, gather).view(num_segments, width, 4).sum(1)
+        part = chunks.index_select(0, gather.view(-1)).view(num_segments, width, 4).sum(1)
         gram = part if gram is None else gram + part.to(gram.device)
     assert gram is not None
     k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
@@ -70,7 +70,7 @@ def reconstruct_rows_compiled(
         _compiled_kernel = torch.compile(_rows_compilable, dynamic=False)
     ids = tuple(segment_ids)
     maps = [b.segment_maps(ids, num_segments) for b in layout.buckets]
-    floor, doubt = rule_settings([b.dtype for b in layout.buckets])
+    floor, doubt = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
     return _compiled_kernel(  # type: ignore[operator, no-any-return]
         list(adversarial), list(clean), [(b.num_chunks + 1, b.chunk) for b in layout.buckets],
         [m.gather for m in maps], [m.width for m in maps], [m.chunk_segment for m in maps], num_segments,

@@ -3,18 +3,19 @@ fixed number of kernels, no host synchronisation.
 
 Per step, whatever the number of parameter tensors (:mod:`._flat` holds the rows):
 
-1. the chunk sums: ``|a|`` and ``|c|`` of every chunk by ``linalg.vector_norm`` with float64
-   accumulation (so squares of float32 gradients are exact and never over- or underflow), and
-   ``<a,c>`` as products rounded once in the row dtype, summed in float64;
-2. the segment sums: the chunks of each segment gathered by a cached index and added;
+1. the chunk sums: ``|a|`` and ``|c|`` of every chunk by ``linalg.vector_norm`` and ``<a,c>`` from
+   the products, reduced in the rows' dtype over at most ``B`` elements (a reduction into float64
+   would first copy the whole row to float64: twice the memory and traffic);
+2. the segment sums: the chunks of each segment gathered by a cached index and added in float64;
 3. the rule on ``[S]`` tensors (:func:`~agr_optim._geometry.packed_rule`, about 25 kernels);
 4. the combine ``a <- k_a a + k_c c``, each chunk by its segment's coefficients (two kernels).
 
-Nothing is read back to the host: out-of-range segments (``|a||c|`` below
-:func:`~agr_optim._geometry.product_floor`, where products of elements may be subnormal) keep
-their clipped adversarial gradient, non-finite sums give NaN, and ``stats.out_of_range`` says
-where. DTensor shards keep a per-tensor schedule (:func:`reconstruct_device_tensors`) whose sums
-are reduced over the mesh; it feeds the same rule.
+Nothing is read back to the host: out-of-range segments (a norm below
+:func:`~agr_optim._gramian.range_floor`, where squares of elements may be subnormal) keep their
+clipped adversarial gradient, non-finite sums (a float32 chunk's squares above ~3e38, or an
+overflowing product) give NaN, and ``stats.out_of_range`` says where. DTensor shards keep a
+per-tensor schedule (:func:`reconstruct_device_tensors`) whose sums are reduced over the mesh; it
+feeds the same rule.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ import torch
 from torch import Tensor
 
 from ._flat import Layout, index_tensor, layout_of, row_dtype
-from ._geometry import coefficient_dtype, combine_rounding, packed_doubt, packed_rule, product_floor
-from ._gramian import LOCAL, Reduction
+from ._geometry import (
+    coefficient_dtype,
+    combine_rounding,
+    narrowest_accumulation_dtype,
+    packed_doubt,
+    packed_rule,
+    sum_error,
+)
+from ._gramian import LOCAL, Reduction, range_floor
 from ._stats import NO_OUTPUT, ReconstructionStats
 
 __all__ = [
@@ -34,27 +42,35 @@ __all__ = [
 ]
 
 
-def rule_settings(dtypes: Sequence[torch.dtype]) -> tuple[float, float]:
-    """``(floor, doubt)`` of :func:`~agr_optim._geometry.packed_rule` for gradients of ``dtypes``:
-    those of the narrowest product dtype (float32 unless every gradient is float64)."""
-    product = torch.float64 if dtypes and all(d == torch.float64 for d in dtypes) else torch.float32
-    return product_floor(product), packed_doubt(product, combine_rounding(dtypes))
+def rule_settings(dtypes: Sequence[torch.dtype], chunk: int) -> tuple[float, float]:
+    """``(floor, doubt)`` of :func:`~agr_optim._geometry.packed_rule` for rows of gradients of
+    ``dtypes`` summed in chunks of ``chunk`` elements: those of the narrowest row dtype (float32
+    unless every gradient is float64)."""
+    acc = narrowest_accumulation_dtype(dtypes)
+    return range_floor(acc), packed_doubt(sum_error(acc, chunk), combine_rounding(dtypes))
 
 
 def _chunk_sums(bucket_matrix_a: Tensor, bucket_matrix_c: Tensor, acc: torch.dtype) -> Tensor:
-    """``[K + 1, 3]``: per chunk ``|a|^2, <a,c>, |c|^2`` (the last chunk is padding: zeros)."""
-    sums = torch.empty(bucket_matrix_a.shape[0], 3, dtype=acc, device=bucket_matrix_a.device)
-    torch.linalg.vector_norm(bucket_matrix_a, dim=1, dtype=acc, out=sums[:, 0])
-    torch.linalg.vector_norm(bucket_matrix_c, dim=1, dtype=acc, out=sums[:, 2])
+    """``[K + 1, 3]`` in ``acc``: per chunk ``|a|^2, <a,c>, |c|^2`` (the last chunk is padding:
+    zeros). Reduced in the rows' dtype (a reduction to another dtype would copy the whole row),
+    then widened: the chunks of a segment are added in ``acc``."""
+    sums = torch.empty(bucket_matrix_a.shape[0], 3, dtype=bucket_matrix_a.dtype, device=bucket_matrix_a.device)
+    torch.linalg.vector_norm(bucket_matrix_a, dim=1, out=sums[:, 0])
+    torch.linalg.vector_norm(bucket_matrix_c, dim=1, out=sums[:, 2])
     sums[:, 0::2].square_()
-    # a_i c_i rounded once in the row dtype, summed in float64.
-    torch.sum(bucket_matrix_a * bucket_matrix_c, 1, dtype=acc, out=sums[:, 1])
-    return sums
+    torch.sum(bucket_matrix_a * bucket_matrix_c, 1, out=sums[:, 1])
+    return sums.to(acc)
+
+
+_SYMMETRIC: dict[torch.device, Tensor] = {}
 
 
 def _symmetric(device: torch.device) -> Tensor:
-    """Columns ``0, 1, 1, 2`` of ``|a|^2, <a,c>, |c|^2``: the Gramian row by row."""
-    return index_tensor((0, 1, 1, 2), device)
+    """``[1, 4]``: columns ``0, 1, 1, 2`` of ``|a|^2, <a,c>, |c|^2``, the Gramian row by row
+    (made once per device)."""
+    if device not in _SYMMETRIC:
+        _SYMMETRIC[device] = torch.tensor([[0, 1, 1, 2]], device=device)
+    return _SYMMETRIC[device]
 
 
 def reconstruct_rows(
@@ -78,14 +94,17 @@ def reconstruct_rows(
         m = bucket.segment_maps(ids, num_segments)
         maps.append(m)
         chunks = _chunk_sums(bucket.matrix(a_row), bucket.matrix(c_row), coefficient_dtype(bucket.device))
-        part = chunks.index_select(0, m.gather).view(num_segments, m.width, 3).sum(1)
+        # The chunks of each segment, and the columns of its Gramian row by row, in one gather.
+        part = chunks[m.gather, _symmetric(bucket.device)].view(num_segments, m.width, 4).sum(1)
         sums = part if sums is None else sums + part.to(device=device, dtype=acc)
     assert sums is not None
-    floor, doubt = rule_settings([b.dtype for b in layout.buckets])
-    k, stats = packed_rule(sums.index_select(1, _symmetric(device)), clip_norm=clip_norm, floor=floor, doubt=doubt)
+    floor, doubt = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
+    k, stats = packed_rule(sums, clip_norm=clip_norm, floor=floor, doubt=doubt)
     if combine:
         for bucket, m, a_row, c_row in zip(layout.buckets, maps, adversarial, clean, strict=True):
-            per_chunk = k.to(bucket.device).index_select(0, m.chunk_segment)
+            # In the rows' dtype (one rounding, as the host schedule's combine): mixed dtypes
+            # would make CPU kernels widen whole rows into temporaries.
+            per_chunk = k.to(device=bucket.device, dtype=a_row.dtype).index_select(0, m.chunk_segment)
             a = bucket.matrix(a_row)
             a.mul_(per_chunk[:, :1]).addcmul_(bucket.matrix(c_row), per_chunk[:, 1:])
     return stats
@@ -144,15 +163,15 @@ def _tensor_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], 
     for a, c in zip(adversarial, clean, strict=True):
         work = row_dtype(a.dtype)
         a_flat = a.reshape(-1).to(work)
-        sq_a = torch.linalg.vector_norm(a_flat, dtype=acc).square()
+        sq_a = torch.linalg.vector_norm(a_flat).to(acc).square()
         if c is None:
             if zero is None:
                 zero = torch.zeros((), dtype=acc, device=a.device)
             rows.append(torch.stack([sq_a, zero, zero, zero]))
             continue
         c_flat = c.reshape(-1).to(work)
-        dot = torch.sum(a_flat * c_flat, dtype=acc)
-        rows.append(torch.stack([sq_a, dot, dot, torch.linalg.vector_norm(c_flat, dtype=acc).square()]))
+        dot = torch.sum(a_flat * c_flat).to(acc)
+        rows.append(torch.stack([sq_a, dot, dot, torch.linalg.vector_norm(c_flat).to(acc).square()]))
     return torch.stack(rows)
 
 
@@ -178,7 +197,7 @@ def reconstruct_device_tensors(
     ids = (torch.tensor(list(segment_ids), device=device) if torch.compiler.is_compiling()  # a graph constant
            else index_tensor(segment_ids, device))
     gram = reduction.segment_sums(per_tensor, ids, num_segments)
-    floor, doubt = rule_settings([a.dtype for a in adversarial])
+    floor, doubt = rule_settings([a.dtype for a in adversarial], max((a.numel() for a in adversarial), default=1))
     k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
     if out is NO_OUTPUT:
         return [], stats

@@ -76,8 +76,8 @@ def chunk_size(numels: Sequence[int]) -> int:
 @dataclass(frozen=True)
 class SegmentMaps:
     """A bucket's chunks mapped to segments: ``chunk_segment[k]`` is chunk ``k``'s segment (for
-    the combine); ``gather`` is ``[S * width]``: the chunks of each segment, ``width`` per segment,
-    padded with ``K``, the row's last chunk (all padding, so its sums are zero)."""
+    the combine); ``gather`` is ``[S * width, 1]``: the chunks of each segment, ``width`` per
+    segment, padded with ``K``, the row's last chunk (all padding, so its sums are zero)."""
 
     chunk_segment: Tensor
     gather: Tensor
@@ -164,7 +164,8 @@ class Bucket:
             gather = [chunks + [self.num_chunks] * (width - len(chunks)) for chunks in per_segment]
             found = SegmentMaps(
                 chunk_segment=torch.tensor(chunk_segment, dtype=torch.long, device=self.device),
-                gather=torch.tensor([k for chunks in gather for k in chunks], dtype=torch.long, device=self.device),
+                gather=torch.tensor([[k] for chunks in gather for k in chunks], dtype=torch.long,
+                                    device=self.device).view(-1, 1),
                 width=width,
             )
             if len(self._maps) > 16:  # granularities and parameter subsets: a few at most

@@ -321,28 +321,24 @@ def clip_scale_of(bound: Any, norm_r: Any, clip_norm: Any, ops: Any = TensorOps)
 
 
 # --------------------------------------------------------------------------- packed, for accelerators
-def product_floor(dtype: torch.dtype) -> float:
-    r"""Below this :math:`\lVert a\rVert\lVert c\rVert`, products :math:`a_i c_i` taken in ``dtype``
-    may be subnormal and :math:`\langle a, c\rangle` inexact (for segments of up to :math:`2^{26}`
-    elements, whose subnormal rounding then stays below ``eps`` relative)."""
-    return torch.finfo(dtype).tiny * 2.0**26
+#: A projected segment is ill-conditioned (:data:`ILL_CONDITIONED`) where ``cos`` is below this.
+_ILL_COSINE = -math.sqrt(1.0 - ILL_CONDITIONED)
 
 
-def packed_doubt(product_dtype: torch.dtype, rounding: float) -> float:
+def packed_doubt(gamma: float, rounding: float) -> float:
     r"""The allowance :math:`D^2` of :func:`packed_rule`, relative to :math:`\lVert a\rVert^2`.
 
-    The packed sums are exact squares and :math:`\langle a, c\rangle` from products rounded once
-    in ``product_dtype`` (relative error :math:`\gamma \le 2^{-p}`, taken 4 times larger), so the
-    closed-form :math:`\lVert r\rVert^2` of a projection is off by at most
-    :math:`2\gamma\lVert a\rVert^2`; the combine adds at most ``2 rounding`` :math:`\lVert a\rVert`.
+    With the sums off by :math:`\gamma` relative (:func:`sum_error`), the closed-form
+    :math:`\lVert r\rVert^2` of a projection is off by at most :math:`2\gamma\lVert a\rVert^2`,
+    and the combine adds at most ``2 rounding`` :math:`\lVert a\rVert`:
+    :math:`D = 2\sqrt{\gamma} + 2\,\text{rounding}` covers both.
     """
-    gamma = 4.0 * torch.finfo(product_dtype).eps
     return (2.0 * math.sqrt(gamma) + 2.0 * rounding) ** 2
 
 
 class _PackedConstants(NamedTuple):
     zero: Tensor
-    bounds: Tensor  # bucketize boundaries of |a||c|: 0 | below the floor | fine | not finite
+    bounds: Tensor  # bucketize boundaries of the smaller norm: 0 | below the floor | fine | not finite
     out_of_range: Tensor  # the bands that are out of range
     low: Tensor  # clamp bounds of (cos, <a,c>/|c|^2) -> (relu(cos), min(0, <a,c>/|c|^2))
     high: Tensor
@@ -380,7 +376,7 @@ def packed_rule(
 ) -> tuple[Tensor, ReconstructionStats]:
     r""":func:`rule` on all segments at once, in a fixed handful of tensor operations.
 
-    ``gram`` is ``[S, 4]``: per segment the Gramian :math:`G` of :math:`(a, c)` row by row,
+    ``gram`` is ``[S, 4]`` (float64): per segment the Gramian :math:`G` of :math:`(a, c)` row by row,
     :math:`\lVert a\rVert^2, \langle a,c\rangle, \langle a,c\rangle, \lVert c\rVert^2`, so that
     :math:`\lVert k_a a + k_c c\rVert^2 = k G k^\top` for :math:`k = (k_a, k_c)`. Returns the
     clipped coefficients ``[S, 2]`` and the statistics, without reading anything back to the host.
@@ -391,22 +387,22 @@ def packed_rule(
     interpolation where :math:`\cos > 0` and the projection where :math:`\cos \le 0` (the signs of
     :math:`\cos` and :math:`p` are those of :math:`\langle a,c\rangle`); a zero norm gives
     :math:`k = (1, 0)`, the zero policy. :math:`\lVert r\rVert^2 = k G k^\top`, and clipping
-    divides by :math:`\sqrt{\lVert r\rVert^2 + D^2\lVert a\rVert^2}` where the segment is
-    projected (``doubt`` is :math:`D^2`, :func:`packed_doubt`: the closed form loses its digits
-    where :math:`a` and :math:`c` are nearly antiparallel; elsewhere the allowance changes the
-    scale by less than :math:`8 D^2`, about 1e-5), by :math:`\lVert r\rVert` where it is
-    interpolated. Segments with :math:`\lVert a\rVert\lVert c\rVert` below
-    ``floor`` count their clean gradient as zero; non-finite sums give NaN coefficients. Both are
-    ``out_of_range`` in the statistics.
+    divides by :math:`\sqrt{\lVert r\rVert^2 + D^2\lVert a\rVert^2}` where the projection is
+    ill-conditioned (:data:`ILL_CONDITIONED`: the closed form loses its digits where :math:`a` and
+    :math:`c` are nearly antiparallel; ``doubt`` is :math:`D^2`, :func:`packed_doubt`), by
+    :math:`\lVert r\rVert` elsewhere. A segment with :math:`\lVert a\rVert` or
+    :math:`\lVert c\rVert` below ``floor`` (squares that may be subnormal) counts its clean
+    gradient as zero; non-finite sums give NaN coefficients. Both are ``out_of_range`` in the
+    statistics.
     """
     c = _packed_constants(gram.dtype, gram.device, floor)
     norms = gram[:, 0::3].sqrt()  # |a|, |c|
+    # NaN where a sum is not finite (a non-finite gradient, squares or products a_i c_i that
+    # overflowed): never a finite k.
+    norms.addcmul_(gram.sum(1, keepdim=True), c.zero)
+    band = torch.bucketize(norms.amin(1, keepdim=True), c.bounds, right=True)  # of min(|a|, |c|); NaN: 3
     den = norms * norms[:, 1:]  # |a||c|, |c|^2
-    # NaN where <a,c> is not finite (a non-finite gradient makes it so, and so does a product
-    # a_i c_i that overflowed with finite squares): never a finite k.
-    den.addcmul_(gram[:, 1:2], c.zero)
-    band = torch.bucketize(den, c.bounds, right=True)[:, :1]  # of |a||c| (bucketize wants it contiguous)
-    # cos and <a,c>/|c|^2; a zero or too small |a||c| gives 0 for both (the zero policy).
+    # cos and <a,c>/|c|^2; a zero norm, or one below the floor, gives 0 for both (the zero policy).
     ratio = (gram[:, 1:2] / den).masked_fill_(band <= 1, 0.0)
     cosine = ratio[:, 0].clamp(-1.0, 1.0)
     k = torch.addmm(c.base, ratio.clamp(c.low, c.high), c.mix)
@@ -415,7 +411,7 @@ def packed_rule(
     if clip_norm is None:
         scale = torch.ones_like(sq_r)
     else:
-        bound = torch.addcmul(sq_r, gram[:, 0], projected, value=doubt)
+        bound = torch.addcmul(sq_r, gram[:, 0], cosine < _ILL_COSINE, value=doubt)
         scale = bound.mul_(1.0 / (clip_norm * clip_norm)).clamp_min_(1.0).rsqrt_()  # min(1, clip / bound)
         k.mul_(scale[:, None])
     return k, ReconstructionStats(

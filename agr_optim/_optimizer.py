@@ -629,6 +629,15 @@ class AGROptimizer(Optimizer):
             stats = reconstruct_rows(layout, a_rows, c_rows, segment_ids=plan.segment_ids,
                                      num_segments=plan.num_segments, clip_norm=clip, combine=False)
             return stats, plan.grads
+        # The gathered gradients are not needed any more: let them go before the schedule's
+        # temporaries are allocated (the plan is consumed here; .grad is set again below).
+        same_dtype = all(b.row_dtype == b.dtype for b in layout.buckets)
+        views_of = dict(zip(plan.params, a_views, strict=True))
+        for p in plan.params:
+            p.grad = views_of[p] if same_dtype else None
+        plan.adversarial[:] = a_views
+        plan.clean[:] = [None] * len(plan.clean)
+        plan.grads[:] = [(p, g if g is None else views_of[p]) for p, g in plan.grads]
         stats = run(layout, a_rows, c_rows, segment_ids=plan.segment_ids, num_segments=plan.num_segments,
                     clip_norm=clip)
         results = result_rows(layout, a_rows)

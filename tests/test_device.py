@@ -22,13 +22,16 @@ from agr_optim import AGROptimizer
 from agr_optim import functional as functional
 from agr_optim._combine import _CHUNK, combine
 from agr_optim._flat import chunk_size, dense_strides, layout_of
-from agr_optim._geometry import FloatOps, packed_doubt, packed_rule, product_floor, rule
+from agr_optim._geometry import FloatOps, packed_doubt, packed_rule, rule, sum_error
+from agr_optim._gramian import range_floor
 from benchmarks._ops import OpCounter
 from benchmarks._shapes import WideResNet, parameter_shapes
 
 #: The kernel budget of one AGR iteration on the accelerator schedule (stash and step together),
-#: and the bar no change may cross (issue 17).
-KERNEL_BUDGET = 34
+#: and the bar no change may cross (issue 17: a target of 32, a bar of 48). 38: the chunk sums
+#: are reduced in the rows' dtype and widened after (+1; a float64 reduction would copy each row),
+#: with a range check on both norms (+1), and the coefficients cast to the rows' dtype (+1).
+KERNEL_BUDGET = 38
 KERNEL_BAR = 48
 
 
@@ -174,8 +177,9 @@ def test_packed_rule_is_the_rule():
         cases.append((dot, sq_a, sq_c))
     eps = torch.finfo(torch.float32).eps
     for clip in (None, 0.5):
+        doubt = packed_doubt(sum_error(torch.float32, 2048), 2 * eps)
         k, stats = packed_rule(torch.tensor(rows, dtype=torch.float64), clip_norm=clip,
-                               floor=product_floor(torch.float32), doubt=packed_doubt(torch.float32, 2 * eps))
+                               floor=range_floor(torch.float32), doubt=doubt)
         for s, (dot, sq_a, sq_c) in enumerate(cases):
             want = rule(dot, sq_a, sq_c, clip_norm=clip, ops=FloatOps)
             assert bool(stats.projected[s]) == bool(want.projected) or abs(want.cosine) < 1e-12
@@ -184,10 +188,10 @@ def test_packed_rule_is_the_rule():
             assert math.isclose(stats.norm_reconstructed[s].item(), want.norm_reconstructed, rel_tol=1e-9,
                                 abs_tol=1e-7 * (math.sqrt(sq_a) + math.sqrt(sq_c)))
             scale = stats.clip_scale[s].item()
-            if want.projected:  # the allowance: at most 8 D^2 more clipping where well-conditioned
+            if want.projected:  # the allowance: more clipping where ill-conditioned, none elsewhere
                 assert scale <= want.clip_scale * (1 + 1e-12)
                 if (1 - want.cosine) * (1 + want.cosine) >= 1 / 16:
-                    assert scale >= want.clip_scale * (1 - 1e-5)
+                    assert math.isclose(scale, want.clip_scale, rel_tol=1e-9)
                 assert math.isclose(k[s, 1].item() / max(scale, 1e-300), want.clean / want.clip_scale, rel_tol=1e-9,
                                     abs_tol=1e-12)
             else:

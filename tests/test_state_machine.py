@@ -224,12 +224,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         # Adam squares the gradient in the parameters' dtype: float32 overflows at 1e19.
         self.huge = 1e15 if (self.kind == "adam" and dtype == torch.float32) else 1e30
         self.tiny, self.smallest = 1e-30, 1e-100
-        # The accelerator schedule forms the products a_i c_i in float32: they must neither
-        # overflow nor underflow (its documented range); a run that may use it (the setting can
-        # change mid-run) draws float32 gradients inside it.
+        # The accelerator schedule sums float32 squares and products in float32: norms below about
+        # 1e-12 count as zero there, squares and products above float32's range give NaN (its
+        # documented range); a run that may use it (the setting can change mid-run) draws float32
+        # gradients well inside it.
         self.device_range = fused == "device"
         if self.device_range and dtype == torch.float32:
-            self.huge, self.tiny, self.smallest = 1e15, 1e-12, 1e-13
+            self.huge, self.tiny, self.smallest = 1e15, 1e-6, 1e-7
         slots = [self.new_slot(shape) for shape in shapes]
         cut = len(slots) // 2 if two_groups and len(slots) > 1 else len(slots)
         self.groups: list[list[Slot]] = [g for g in (slots[:cut], slots[cut:]) if g]
