@@ -141,6 +141,7 @@ def test_bf16_autocast_on_cpu():
     assert_params(model, reference(data, 2), atol=2e-2)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate creates its GradScaler for fp16 on CUDA only")
 def test_fp16_with_accelerates_grad_scaler_on_cuda():
     data = micro_batches(2 * STEPS, device="cuda")

@@ -8,7 +8,6 @@ without host synchronisation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -193,33 +192,3 @@ def test_fused_flag_is_validated():
         reconstruct([torch.ones(2)], [torch.ones(2)], fused="yes")
     with pytest.raises(ValueError, match="fused"):
         AGROptimizer(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1), fused="yes")
-
-
-@contextlib.contextmanager
-def _sync_is_an_error():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("granularity", ["tensor", "group", "global"])
-def test_cuda_step_never_synchronises(granularity):
-    """stash_clean() and step() make no host synchronisation (sync debug mode raises on one)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).cuda()
-    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True), clip_norm=0.1,
-                       granularity=granularity)
-    x = torch.randn(16, 32, device="cuda")
-    for _ in range(3):  # the first step allocates the momentum buffers
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        with _sync_is_an_error():
-            opt.stash_clean()
-        model(x + 0.5).abs().mean().backward()
-        with _sync_is_an_error():
-            opt.step()
-    assert opt.step_count == 3
