@@ -1,10 +1,10 @@
 """``agr-demo``: adversarial training with and without AGR, paired, on your machine, in one command.
 
-A paired study over ``agr-train``'s engine (:class:`agr_optim.train.Trainer`): for each seed the
+A paired study over ``agr-train``'s engine (:class:`agr_optim.training.Trainer`): for each seed the
 run without AGR and the run with :class:`~agr_optim.AGROptimizer` share everything (seed,
 initialization, data order, augmentation and attack streams, schedule and budget). Until
 ``--agr-start-epoch`` the two arms take bit-for-bit the same steps, so that warm start is trained
-once and forked (:meth:`~agr_optim.train.Trainer.fork`); then each arm continues alone. At the
+once and forked (:meth:`~agr_optim.training.Trainer.fork`); then each arm continues alone. At the
 end both are evaluated on the test set, clean and under a fresh PGD-20 attack (the same attack
 starts for both arms), and the demo prints mean +- std over seeds per arm and the paired
 difference, and writes ``results.json`` (every run, with its per-epoch metrics), ``config.json``
@@ -33,20 +33,19 @@ from typing import Any
 
 import torch
 
-from .train import (
+from .data import DatasetError
+from .training import (
     METHOD_NAMES,
     METHODS,
     ConfigError,
     Diverged,
+    OneLineParser,
     TrainConfig,
     Trainer,
-    _Parser,
-    atomic_write,
     load_data,
     resolve,
-    unwritable,
-    write_json,
 )
+from .training.run_folder import atomic_write, unwritable, write_json
 
 __all__ = ["main", "RunResult", "train_pair", "study_config", "format_table"]
 
@@ -56,8 +55,8 @@ DEFAULT_EPS = 0.1
 DEMO_DATASETS = ("digits", "mnist5k", "npz", "cifar10", "cifar100", "tiny-imagenet")
 
 
-def _build_parser() -> _Parser:
-    parser = _Parser(
+def _build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="agr-demo",
         description="Adversarial training with and without AGR (same seeds, schedule, budget; shared warm "
         "start): clean vs PGD-20 robust accuracy, mean +- std over seeds.",
@@ -95,8 +94,8 @@ def _build_parser() -> _Parser:
 
 
 def study_config(args: argparse.Namespace) -> TrainConfig:
-    """The plain arm's :class:`~agr_optim.train.TrainConfig` of seed 0 (``agr-train --preset quick``
-    with the demo's flags); raises :class:`~agr_optim.train.ConfigError` naming the flag."""
+    """The plain arm's :class:`~agr_optim.training.TrainConfig` of seed 0 (``agr-train --preset quick``
+    with the demo's flags); raises :class:`~agr_optim.training.ConfigError` naming the flag."""
     if args.method not in METHODS:
         raise ConfigError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.dataset not in DEMO_DATASETS:
@@ -326,8 +325,6 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"cannot write to --out {cfg.out!r}: {problem}")
     tqdm = _import_extras()
     torch.set_num_threads(args.threads)
-    from .datasets import DatasetError
-
     try:
         data = load_data(cfg)
     except DatasetError as error:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from agr_optim.recipes import PGD
-from agr_optim.train import Trainer, load_data, resolve
+from agr_optim.training import Trainer, load_data, resolve
 
 ARMS = ("plain", "floor", "agr")
 
@@ -56,16 +56,16 @@ def _floor_step(model: Any, opt: Any, x: Any, y: Any, scaler: Any) -> None:
 
 def _epoch_seconds(trainer: Trainer, arm: str) -> float:
     """One training epoch of ``trainer`` (no evaluation), in seconds."""
-    opt = trainer.optimizer_for(0)
+    opt = trainer.optimizer_for(trainer.epoch)
     start = time.perf_counter()
-    with trainer._own_streams():
+    with trainer.own_streams():
         trainer.model.train()
         for x, yb in trainer.training_batches():
-            with trainer._autocast():
-                if arm == "floor":
+            if arm == "floor":
+                with trainer.autocast():
                     _floor_step(trainer.model, opt, x, yb, trainer.scaler)
-                else:
-                    trainer._step(trainer.model, opt, x, yb, trainer.scaler)
+            else:
+                trainer.train_step(x, yb)  # the step of agr-train's epoch, under its autocast
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
     return time.perf_counter() - start

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_cli import one_line, run
+from _training import one_line, run
 
 from agr_optim import train as train_mod
+from agr_optim.training import engine
 
 # agr_optim.training.run_folder is imported inside the tests that call it directly, so that the
 # command-line reproductions run (and fail) on the code before issue 14 too.
@@ -325,7 +326,7 @@ def test_lr_1e4_stops_with_one_line(tmp_path, capsys):
 
 def _poison_after(monkeypatch, steps: int) -> None:
     """Make every weight NaN after the given number of training steps (an explosion, on cue)."""
-    make = train_mod._step_function
+    make = engine.step_function
     done = [0]
 
     def poisoned(cfg, generator, clean_pass):
@@ -342,7 +343,7 @@ def _poison_after(monkeypatch, steps: int) -> None:
 
         return run_step
 
-    monkeypatch.setattr(train_mod, "_step_function", poisoned)
+    monkeypatch.setattr(engine, "step_function", poisoned)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(reference, tmp_path, capsys, monkeypatch):
@@ -371,16 +372,16 @@ def test_divergence_is_read_without_a_host_read_per_step(monkeypatch, tmp_path):
     cfg, _ = train_mod.resolve({"out": str(tmp_path), "epochs": 10, "attack_steps": 1, "batch_size": 64})
     trainer = train_mod.Trainer(cfg, train_mod.load_data(cfg))
     reads = []
-    read = train_mod._EpochSums.read
-    monkeypatch.setattr(train_mod._EpochSums, "read", lambda self: reads.append(1) or read(self))
+    read = engine.EpochSums.read
+    monkeypatch.setattr(engine.EpochSums, "read", lambda self: reads.append(1) or read(self))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", math.inf)
+        monkeypatch.setattr(engine, "PROGRESS_SECONDS", math.inf)
         trainer.train_epoch()
         assert len(reads) == 2  # after the last of 22 steps, and the epoch's means
         reads.clear()
-        monkeypatch.setattr(train_mod, "PROGRESS_SECONDS", 0.0)
+        monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
         trainer.train_epoch()
         assert len(reads) == 22 + 2  # a read after every step when asked for
     finally:
@@ -541,7 +542,7 @@ def test_killed_at_every_file_operation(reference, tmp_path, capsys):
 def test_cuda_divergence_flag_never_synchronises():
     """On CUDA the per-step bookkeeping (sums and the first non-finite step) makes no host
     synchronisation (sync debug mode raises on one); the flag is then read once, with the step."""
-    sums = train_mod._EpochSums(torch.device("cuda"))
+    sums = engine.EpochSums(torch.device("cuda"))
     logits = torch.randn(8, 10, device="cuda")
     y = torch.randint(0, 10, (8,), device="cuda")
     losses = [torch.tensor(v, device="cuda") for v in (1.0, 2.0, math.nan, math.inf, 3.0)]
