@@ -197,7 +197,7 @@ def reconstruct_device_tensors(
     ids = (torch.tensor(list(segment_ids), device=device) if torch.compiler.is_compiling()  # a graph constant
            else index_tensor(segment_ids, device))
     gram = reduction.segment_sums(per_tensor, ids, num_segments)
-    floor, doubt = rule_settings([a.dtype for a in adversarial], max((a.numel() for a in adversarial), default=1))
+    floor, doubt = rule_settings([a.dtype for a in adversarial], max([1, *(a.numel() for a in adversarial)]))
     k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
     if out is NO_OUTPUT:
         return [], stats
