@@ -149,6 +149,10 @@ class RunResult:
     agr_epochs: int
     eps: float
     metrics: list[dict[str, Any]]
+    #: The shared warm start's test accuracies (the model both arms start from at the AGR epoch),
+    #: ``None`` without a warm start.
+    warm_start_clean_acc: float | None = None
+    warm_start_robust_acc: float | None = None
 
 
 def _result(trainer: Trainer) -> RunResult:
@@ -185,13 +189,29 @@ def train_pair(
         plain.train_epoch()
         if on_epoch is not None:
             on_epoch("shared")
+    warm = _warm_start_accuracy(plain)
     with_agr = plain.fork(agr=True)
     for arm, trainer in (("plain", plain), ("agr", with_agr)):
         while trainer.epoch < cfg.epochs:
             trainer.train_epoch()
             if on_epoch is not None:
                 on_epoch(arm)
-    return _result(plain), _result(with_agr)
+    results = _result(plain), _result(with_agr)
+    for result in results:
+        result.warm_start_clean_acc, result.warm_start_robust_acc = warm if warm is not None else (None, None)
+    return results
+
+
+def _warm_start_accuracy(trainer: Trainer) -> tuple[float, float] | None:
+    """The test accuracies the shared warm start ends with: its last epoch's evaluation, or one
+    more evaluation when that epoch was not evaluated (its attack has a seed of its own: the
+    training streams are untouched). ``None`` without a warm start."""
+    if trainer.epoch == 0:
+        return None
+    last = trainer.metrics[-1]
+    if last["test_clean_acc"] is not None:
+        return last["test_clean_acc"], last["test_robust_acc"]
+    return trainer.evaluate()
 
 
 # ---------------------------------------------------------------------- report
@@ -225,6 +245,14 @@ def format_table(cfg: TrainConfig, data_name: str, sizes: tuple[int, int], resul
         lines.append(
             f"{_arm_label(cfg.method, agr):<14} {c_mean:>9.2f} +- {c_std:<4.2f} "
             f"{r_mean:>15.2f} +- {r_std:<4.2f} {s_epoch:>8.2f}"
+        )
+    warm = [r for r in by_arm[False] if r.warm_start_clean_acc is not None]
+    if warm:
+        c_mean, c_std = _mean_std([100 * r.warm_start_clean_acc for r in warm])  # type: ignore[operator]
+        r_mean, r_std = _mean_std([100 * r.warm_start_robust_acc for r in warm])  # type: ignore[operator]
+        lines.append(
+            f"{'warm start':<14} {c_mean:>9.2f} +- {c_std:<4.2f} {r_mean:>15.2f} +- {r_std:<4.2f}"
+            f"  (shared, epochs 0..{cfg.agr_start_epoch - 1}: where both arms start from)"
         )
     if by_arm[False] and len(by_arm[False]) == len(by_arm[True]):
         dc = [100 * (b.clean_acc - a.clean_acc) for a, b in zip(by_arm[False], by_arm[True], strict=True)]

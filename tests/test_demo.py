@@ -199,6 +199,19 @@ def test_pair_is_two_agr_train_runs(tiny_npz, tmp_path):
         assert drop(result.metrics) == drop(scratch.metrics)
     assert plain.metrics[:1] == with_agr.metrics[:1]  # the shared warm start
     assert plain.metrics[1]["agr_active"] == 0 and with_agr.metrics[1]["agr_active"] == 1
+    # Issue 16: the warm start's accuracy, what both arms start from (epoch 0 is not evaluated at
+    # --eval-every 2: one more evaluation, which leaves the runs above as they were).
+    warm = Trainer(replace(cfg, seed=4, agr=False), data)
+    warm.train_epoch()
+    assert warm.metrics[0]["test_clean_acc"] is None
+    expected = warm.evaluate()
+    for result in (plain, with_agr):
+        assert (result.warm_start_clean_acc, result.warm_start_robust_acc) == expected
+    table = demo.format_table(cfg, "npz", (1, 1), [plain, with_agr])
+    row = next(line for line in table.splitlines() if line.startswith("warm start"))
+    numbers = row[14:].split()
+    assert [float(numbers[0]), float(numbers[3])] == pytest.approx([100 * expected[0], 100 * expected[1]], abs=0.006)
+    assert "shared, epochs 0..0" in row
 
 
 def test_agr_start_epoch_follows_the_paper():

@@ -56,7 +56,7 @@ def test_every_field_has_exactly_one_flag():
         assert action.option_strings == ([flag, "--no-" + flag[2:]] if switch else [flag]), f.name
         assert action.help and (f.default is MISSING or "default: " in action.help), f.name
     help_text = " ".join(parser.format_help().split())
-    assert "--epochs EPOCHS training epochs (default: 20; --preset paper: 200)" in help_text
+    assert "--epochs EPOCHS training epochs (default: 20; --preset paper, authors: 200)" in help_text
     assert "--lr-gamma LR_GAMMA" in help_text and "--num-classes NUM_CLASSES" in help_text
 
 

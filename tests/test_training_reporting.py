@@ -54,12 +54,15 @@ def test_metrics_csv_and_summary_from_rows():
         "complete": False,
         "final": rows[1],
         "best": rows[1],
+        "best_agr": rows[1],  # the best among the AGR epochs
+        "best_predates_agr": False,
         "autoattack": None,
         "seconds_per_epoch": pytest.approx(12.34),
     }
     json.dumps(summary, allow_nan=False)  # what write_json writes
     no_agr = reporting.summary(TrainConfig(out="o", agr=False), [], None, None)
     assert no_agr["agr_start_epoch"] is None and no_agr["final"] is None and no_agr["seconds_per_epoch"] is None
+    assert no_agr["best_agr"] is None and no_agr["best_predates_agr"] is None
 
 
 def test_write_outputs(tmp_path):

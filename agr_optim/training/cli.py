@@ -311,6 +311,9 @@ def _run(
                     bar.close()
             _save_epoch(trainer, checkpoints, saved)
             log(reporting.screen_line(cfg, row))
+            note = reporting.clip_note(cfg, row)
+            if note is not None:
+                log(note)
             if on_epoch is not None:
                 on_epoch(trainer, row)
         autoattack = None

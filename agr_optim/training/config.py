@@ -89,6 +89,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "autoattack_samples": 1000,
     },
 }
+#: ``authors``: the paper's protocol with the AGR authors' own step, quirks included (the recipes'
+#: ``authors=True``: their PGD, AWP's order, MART's and AVmixup's extra BatchNorm forwards) and
+#: their logging; ``paper`` keeps the fixes (docs/reproducing.rst gives each with its size).
+PRESETS["authors"] = {**PRESETS["paper"], "authors_step": True}
 
 
 class ConfigError(ValueError):
@@ -195,6 +199,14 @@ class TrainConfig:
     )
     trades_attack: str = _setting(
         "ce", "TRADES training attack: cross-entropy (AGR code) or KL", choices=("ce", "kl"), protocol=True
+    )
+    authors_step: bool = _setting(
+        False,
+        "the AGR authors' step with its quirks (their PGD without the iterate clamp, AWP's order, MART's and "
+        "AVmixup's extra BatchNorm forwards) and their logging (the last batch's loss, the accuracy on the "
+        "adversarial inputs); --preset authors",
+        parse=bool,
+        protocol=True,
     )
     beta: float = _setting(6.0, "TRADES/MART regularization weight", parse=float, protocol=True)
     awp_gamma: float = _setting(0.01, "AWP weight-perturbation size", parse=float, protocol=True)
@@ -367,6 +379,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.clean_pass in ("always", "needed"), "clean-pass", "always or needed", cfg.clean_pass)
     need(isinstance(cfg.warm_start_stats, bool), "warm-start-stats", "True or False", cfg.warm_start_stats)
     need(cfg.trades_attack in ("ce", "kl"), "trades-attack", "ce or kl", cfg.trades_attack)
+    need(isinstance(cfg.authors_step, bool), "authors-step", "True or False", cfg.authors_step)
+    if cfg.authors_step:  # what the authors' step is: refused here rather than in the first step
+        need(cfg.clean_pass == "always", "clean-pass", "always with --authors-step (their clean forward runs "
+             "on every step)", cfg.clean_pass)
+        need(cfg.trades_attack == "ce", "trades-attack", "ce with --authors-step (their TRADES attack is their "
+             "cross-entropy PGD)", cfg.trades_attack)
     need(finite(cfg.beta) and cfg.beta >= 0, "beta", ">= 0", cfg.beta)
     need(finite(cfg.awp_gamma) and cfg.awp_gamma >= 0, "awp-gamma", ">= 0", cfg.awp_gamma)
     need(
@@ -486,7 +504,11 @@ def _help(f: Field[Any]) -> str:
     text = f.metadata["help"]
     if f.default is not MISSING:
         notes = [f"default: {f.metadata['shown'] or _shown(f.default)}"]
-        notes += [f"--preset {name}: {_shown(values[f.name])}" for name, values in PRESETS.items() if f.name in values]
+        by_value: dict[str, list[str]] = {}  # presets that set the same value share a note
+        for name, values in PRESETS.items():
+            if f.name in values:
+                by_value.setdefault(_shown(values[f.name]), []).append(name)
+        notes += [f"--preset {', '.join(names)}: {value}" for value, names in by_value.items()]
         # Inside the help's own closing parenthesis, if it ends with one.
         text = f"{text[:-1]}; {'; '.join(notes)})" if text.endswith(")") else f"{text} ({'; '.join(notes)})"
     return text.replace("%", "%%")

@@ -83,8 +83,8 @@ PROGRESS_SECONDS = 5.0
 
 def step_function(cfg: TrainConfig, generator: torch.Generator, clean_pass: str) -> Callable[..., StepOutput]:
     """The recipe step with the configured attack, as a function ``(model, opt, x, y, scaler)``."""
-    attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps)
-    common: dict[str, Any] = {"clean_pass": clean_pass}
+    attack = PGD(cfg.eps, cfg.attack_step, cfg.attack_steps, authors=cfg.authors_step)
+    common: dict[str, Any] = {"clean_pass": clean_pass, "authors": cfg.authors_step}
     if cfg.method == "at":
         return lambda m, o, x, y, s: pgd_at_step(m, o, x, y, attack=attack, scaler=s, **common)
     if cfg.method == "trades":
@@ -115,13 +115,15 @@ class EpochSums:
     AGR code's means over every parameter tensor and step. The projection rate without the
     near-zero segments (conv biases before BatchNorm, whose cosine is rounding noise) is logged
     beside it. The first step whose loss is not finite is recorded on the device too, so that
-    divergence is found at the next read without a host read per step.
+    divergence is found at the next read without a host read per step. ``last_loss``: the epoch's
+    training loss is its last batch's (the AGR authors' logging), not the mean.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, last_loss: bool = False) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         # loss * n, correct, n, 1 + the first step with a non-finite loss (0: none yet)
         self.train = torch.zeros(4, dtype=dtype, device=device)
+        self.last = torch.zeros((), dtype=dtype, device=device) if last_loss else None
         self.agr = StatsAccumulator(min_norm_ratio=None)
         self.agr_without_near_zero = StatsAccumulator()
 
@@ -132,6 +134,8 @@ class EpochSums:
         seen = self.train[3]
         first = torch.where((seen == 0) & ~torch.isfinite(loss), step + 1, seen)
         self.train += torch.stack([loss * n, correct, n, first - seen])
+        if self.last is not None:
+            self.last.copy_(loss)
 
     def add_agr(self, optimizer: AGROptimizer) -> None:
         self.agr.update(optimizer)
@@ -146,6 +150,8 @@ class EpochSums:
 
     def finish(self) -> dict[str, float | None]:
         loss, acc, _ = self.read()
+        if self.last is not None:
+            loss = self.last.item()
         row: dict[str, float | None] = {"train_loss": loss, "train_robust_acc": acc}
         counted = self.agr.steps > 0
         means = self.agr.compute() if counted else {}
@@ -327,7 +333,7 @@ class Trainer:
         """
         cfg, epoch = self.cfg, self.epoch
         opt = self.optimizer_for(epoch)
-        sums = EpochSums(self.device)
+        sums = EpochSums(self.device, last_loss=cfg.authors_step)
         n = self.data.y_train.shape[0]
         total = (n + cfg.batch_size - 1) // cfg.batch_size
         lr = self.sgd.param_groups[0]["lr"]
@@ -344,7 +350,10 @@ class Trainer:
             self.model.train()
             for i, (x, yb) in enumerate(self.training_batches()):
                 out = self.train_step(x, yb)
-                sums.add_batch(out.loss, out.logits, yb, i)
+                # The authors count the training accuracy on their adversarial logits (AVmixup:
+                # the attacked inputs, not the mixed ones).
+                logits = out.logits_adv if cfg.authors_step and out.logits_adv is not None else out.logits
+                sums.add_batch(out.loss, logits, yb, i)
                 if isinstance(opt, AGROptimizer):
                     sums.add_agr(opt)
                 running = None
@@ -393,7 +402,7 @@ class Trainer:
         """Clean and PGD (``eval_steps``) test accuracy; attack starts from a seed of their own,
         the same for every epoch and both arms of a study, so training streams are untouched."""
         cfg = self.cfg
-        attack = PGD(cfg.eps, cfg.attack_step, cfg.eval_steps)
+        attack = PGD(cfg.eps, cfg.attack_step, cfg.eval_steps, authors=cfg.authors_step)
         cuda = self.device.type == "cuda"
         counts = torch.zeros(2, dtype=torch.int64, device=self.device)
         with torch.random.fork_rng(devices=[self.device] if cuda else []):

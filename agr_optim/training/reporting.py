@@ -23,6 +23,8 @@ from .engine import METRIC_COLUMNS, Progress
 from .run_folder import atomic_write, write_json, write_text
 
 __all__ = [
+    "MOSTLY_CLIPPED",
+    "clip_note",
     "config_lines",
     "epoch_progress",
     "metrics_csv",
@@ -110,7 +112,12 @@ def metrics_csv(rows: Sequence[dict[str, Any]]) -> str:
 def summary(
     cfg: TrainConfig, rows: Sequence[dict[str, Any]], best: dict[str, Any] | None, autoattack: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """``summary.json``: the final and the best row, AutoAttack's result, the mean epoch time."""
+    """``summary.json``: the final and the best row (PGD robust accuracy) overall, the best since
+    AGR started (``best_agr``: among the AGR epochs; ``None`` without AGR or before an evaluated
+    AGR epoch) and whether the best overall predates AGR (its checkpoint is ``checkpoint_best.pt``),
+    AutoAttack's result, the mean epoch time."""
+    evaluated_agr = [r for r in rows if r.get("agr_active") and r.get("test_robust_acc") is not None]
+    best_agr = max(evaluated_agr, key=lambda r: r["test_robust_acc"], default=None)  # the first of equals
     return {
         "method": cfg.method,
         "agr": cfg.agr,
@@ -120,9 +127,27 @@ def summary(
         "complete": len(rows) == cfg.epochs,
         "final": rows[-1] if rows else None,
         "best": best,
+        "best_agr": best_agr,
+        "best_predates_agr": None if best is None or not cfg.agr else not best.get("agr_active"),
         "autoattack": autoattack,
         "seconds_per_epoch": (sum(r["seconds"] for r in rows) / len(rows)) if rows else None,
     }
+
+
+#: ``agr-train`` notes an epoch in which more than this fraction of the segments was clipped.
+MOSTLY_CLIPPED = 0.5
+
+
+def clip_note(cfg: TrainConfig, row: dict[str, Any]) -> str | None:
+    """A one-line note when most segments of an AGR epoch were clipped (``None`` otherwise)."""
+    rate = row.get("agr_clip_rate")
+    if not row.get("agr_active") or rate is None or cfg.clip_norm is None or rate <= MOSTLY_CLIPPED:
+        return None
+    return (
+        f"agr-train: note: AGR clipped {100 * rate:.0f} % of the segments in epoch {row['epoch']} "
+        f"(--clip-norm {cfg.clip_norm:g}): the clip then sets most steps' size; see 'clip_norm with "
+        "Adam-family optimizers' in the tutorials for choosing it from the clip rate"
+    )
 
 
 def plot_curves(cfg: TrainConfig, rows: Sequence[dict[str, Any]], path: str) -> bool:
