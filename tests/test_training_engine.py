@@ -163,6 +163,7 @@ def test_train_cost_benchmark_runs(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- CUDA (skipped without a GPU)
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_epoch_with_amp(amp, cifar10, tmp_path, capsys):
