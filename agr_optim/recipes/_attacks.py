@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._sharding import per_example
+
 __all__ = ["PGD", "Attack", "as_attack"]
 
 #: What the recipes call: ``attack(model, x, y) -> x_adv`` (:class:`PGD` is one). The recipes also
@@ -143,12 +145,11 @@ class PGD:
         if self.loss == "kl":
             with torch.no_grad():
                 p_clean = F.softmax(model(x), dim=1)
-        if self.random_start == "uniform":
-            x_adv = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
-        elif self.random_start == "normal":
-            x_adv = x + 0.001 * torch.randn_like(x)
-        else:
+        noise = self._start_noise(x)
+        if noise is None:
             x_adv = x.clone()
+        else:
+            x_adv = x + (noise if self.random_start == "uniform" else 0.001 * noise)
         x_adv = self._project(x_adv, x, lo, hi)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
@@ -168,7 +169,9 @@ class PGD:
         lo, hi = self.bounds
         x_adv = x.clone()
         if self.random_start == "uniform":
-            x_adv = torch.clamp(x_adv + torch.empty_like(x_adv).uniform_(-self.eps, self.eps), lo, hi)
+            noise = self._start_noise(x_adv)
+            assert noise is not None  # a uniform start
+            x_adv = torch.clamp(x_adv + noise, lo, hi)
         if self.steps == 0:  # their loop sets delta, so they cannot run 0 steps: the start
             return x_adv
         for _ in range(self.steps):
@@ -180,6 +183,17 @@ class PGD:
             delta = (x_adv - x).clamp_(-self.eps, self.eps)
             x_adv = x + delta  # not clamped to [lo, hi]: their clamp(0., 1.).detach_() is discarded
         return (x + delta).clamp(lo, hi)
+
+    def _start_noise(self, x: Tensor) -> Tensor | None:
+        """The random start's draw for ``x`` from the global stream (uniform in the ball, or
+        standard normal), ``None`` without one; a shard of a larger batch draws the larger batch's
+        and keeps its rows (:mod:`agr_optim.recipes._sharding`). A sharded evaluation calls it for
+        the batches another process attacks, to leave the stream where one process would."""
+        if self.random_start == "uniform":
+            return per_example(x, lambda t: torch.empty_like(t).uniform_(-self.eps, self.eps))
+        if self.random_start == "normal":
+            return per_example(x, torch.randn_like)
+        return None
 
     def _project(self, x_adv: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
         return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp_(lo, hi)

@@ -63,6 +63,7 @@ from .._optimizer import AGROptimizer
 from ._attacks import PGD, Attack, resolve_attack
 from ._awp import perturbed_weights, weight_perturbation, weight_perturbation_authors
 from ._losses import mart_loss, mart_loss_authors, trades_loss
+from ._sharding import per_example
 
 __all__ = ["StepOutput", "CLEAN_PASSES", "pgd_at_step", "trades_step", "mart_step", "awp_step", "avmixup_step"]
 
@@ -512,8 +513,12 @@ def avmixup_step(
     attack = _attack_for(attack, model, authors, PGD)
     x_adv = attack(model, x, y)
     x_av = (x + gamma * (x_adv - x)).clamp(lo, hi)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    lam = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+    # Per example through _sharding: a process's shard of a batch takes its rows of the whole
+    # batch's draw (agr-train under torchrun), the same whatever the number of processes.
+    lam = per_example(
+        x,
+        lambda t: torch.rand((t.shape[0],) + (1,) * (t.dim() - 1), generator=generator, device=t.device, dtype=t.dtype),
+    )
     x_mix = lam * x + (1 - lam) * x_av
     if authors:
         authors_clean = _authors_clean(model, optimizer, x, y, clean_pass)
