@@ -40,3 +40,12 @@ def seed() -> int:
     np.random.seed(0)
     random.seed(0)
     return 0
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is faster and spares the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

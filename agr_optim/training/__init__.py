@@ -11,7 +11,9 @@ One module per job, as timm splits its ``train.py`` from what it reuses:
   from the epochs' rows;
 - :mod:`.cli`: :func:`main` (the ``agr-train`` command) and :func:`train` (a run with its folder);
 - :mod:`.run_folder`: the folder's file safety (atomic durable writes, checksummed checkpoints,
-  the lock, the test-only fault hook).
+  the lock, the test-only fault hook);
+- :mod:`.tracking`: ``--log tensorboard,wandb``, the rows and running figures sent to trackers;
+- :mod:`.checkpoint_io`: ``--init-from``, a new run's weights from a file, checked against the model.
 
 ``agr_optim.train`` is the old path of the same names (and ``python -m agr_optim.train``).
 ``agr-demo`` (:mod:`agr_optim.demo`) and ``benchmarks/train_cost.py`` use the names below.

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..data import DatasetError
-from . import reporting, run_folder
+from . import checkpoint_io, reporting, run_folder, tracking
 from .config import ConfigError, TrainConfig, build_parser, resolve, validate, validate_data
 from .engine import Diverged, Trainer, load_data
 from .run_folder import RunFolderError, WriteError, unwritable, write_json
@@ -270,9 +270,12 @@ def _run(
             saved.started, saved.epoch = True, None if state is None else int(state["epoch"]) - 1
             run_folder.remove_stray_temporaries(out)
             data = _load(cfg)
+            # --init-from only for a run without a checkpoint yet: resuming reads the run's own.
+            init = checkpoint_io.read_init(cfg, data) if state is None and cfg.init_from else None
         else:
             _fresh_folder(out)
             data = _load(cfg)
+            init = checkpoint_io.read_init(cfg, data) if cfg.init_from else None
             os.makedirs(out, exist_ok=True)
             note = held.enter_context(run_folder.lock_folder(out))
             started_over = _fresh_folder(out)  # again, holding the lock
@@ -281,6 +284,8 @@ def _run(
         if note:
             log(f"agr-train: {note}")
         trainer = Trainer(cfg, data)
+        if init is not None:
+            checkpoint_io.apply_init(trainer.module, init)
         if state is not None:
             _restore(trainer, state, checkpoints)
             log(f"agr-train: resuming {out} after epoch {trainer.epoch - 1} (0-based) of {cfg.epochs}")
@@ -295,13 +300,20 @@ def _run(
                 log(f"agr-train: {out} held a run stopped before its first checkpoint: starting over")
             write_json(os.path.join(out, run_folder.CONFIG), cfg.to_json())
             saved.started = True
+        if init is not None:
+            log(init.line())
         agr_text = f"from epoch {cfg.agr_start_epoch} (0-based)" if cfg.agr else "off"
         log(
             f"agr-train: {data.name}: {data.y_train.shape[0]} train / {data.y_test.shape[0]} test images, "
             f"{data.num_classes} classes; AGR {agr_text}"
         )
+        steps_per_epoch = -(-data.y_train.shape[0] // cfg.batch_size)
+        tracker = held.enter_context(
+            tracking.open_trackers(cfg, epochs_done=trainer.epoch, steps_per_epoch=steps_per_epoch, resume=resume)
+        )
         while trainer.epoch < cfg.epochs:
             progress, bar = reporting.epoch_progress(trainer.epoch)
+            progress = tracker.watch(trainer.epoch, progress)
             try:
                 row = trainer.train_epoch(progress)
             except Diverged as error:
@@ -309,6 +321,7 @@ def _run(
             finally:
                 if bar is not None:
                     bar.close()
+            tracker.log_epoch(row)  # before the checkpoint: a resumed run purges what it repeats
             _save_epoch(trainer, checkpoints, saved)
             log(reporting.screen_line(cfg, row))
             note = reporting.clip_note(cfg, row)

@@ -29,6 +29,7 @@ import torch
 
 from ..data import DATASETS, MAX_CLASSES, MIN_IMAGE_SIDE
 from ..models import MODELS
+from .tracking import TRACKERS, missing_package
 
 __all__ = [
     "AMP_MODES",
@@ -108,6 +109,11 @@ def _cutout_flag(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'authors' or an integer, got {text!r}") from None
 
 
+def _names_flag(text: str) -> tuple[str, ...]:
+    """``--log``'s comma-separated names, in order, each once (checked by :func:`validate`)."""
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
 def _setting(
     default: Any = MISSING,
     help: str = "",
@@ -116,11 +122,20 @@ def _setting(
     choices: Sequence[str] | None = None,
     protocol: bool = False,
     shown: str | None = None,
+    repeatable: bool = False,
 ) -> Any:
     """A :class:`TrainConfig` field with its flag: ``parse`` the flag's type (``bool``: a switch,
     ``--X``/``--no-X``), ``protocol`` whether presets set it, ``shown`` the default in ``--help``
-    when the value alone would not say it."""
-    metadata = {"help": help, "parse": parse, "choices": choices, "protocol": protocol, "shown": shown}
+    when the value alone would not say it, ``repeatable`` a flag given several times adds up
+    (``parse`` gives a tuple)."""
+    metadata = {
+        "help": help,
+        "parse": parse,
+        "choices": choices,
+        "protocol": protocol,
+        "shown": shown,
+        "repeatable": repeatable,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -223,6 +238,20 @@ class TrainConfig:
         "depend on it, so it is saved in config.json)",
         parse=int,
     )
+    log: tuple[str, ...] = _setting(
+        (),
+        f"experiment trackers besides metrics.csv: {', '.join(TRACKERS)}, comma-separated or the flag repeated "
+        '(pip install "agr_optim[tracking]"; W&B: WANDB_MODE=offline without an account)',
+        parse=_names_flag,
+        repeatable=True,
+        shown="none",
+    )
+    init_from: str | None = _setting(
+        None,
+        "start a new run from these weights: a state dict (also DDP's module.-prefixed), {'state_dict': ...}, or "
+        "an agr-train checkpoint; the optimizer and the schedule start fresh, and --resume reads the run's own "
+        "checkpoint instead",
+    )
 
     def __post_init__(self) -> None:
         # None follows --epochs. (Frozen: set through object. An invalid epochs is left for
@@ -239,6 +268,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["lr_milestones"] = list(self.lr_milestones)
+        d["log"] = list(self.log)
         return d
 
     @staticmethod
@@ -248,6 +278,8 @@ class TrainConfig:
             raise ConfigError(f"config.json has unknown settings {unknown}; was it written by another version?")
         d = dict(d)
         d["lr_milestones"] = tuple(d.get("lr_milestones", ()))
+        if isinstance(d.get("log"), list):
+            d["log"] = tuple(d["log"])
         return TrainConfig(**d)
 
     def lr_at(self, epoch: int) -> float:
@@ -299,6 +331,10 @@ def resolve(args: dict[str, Any]) -> tuple[TrainConfig, dict[str, str]]:
             ) from None
     if values.get("lr_milestones") is not None:
         values["lr_milestones"] = tuple(values["lr_milestones"])
+    if isinstance(values.get("log"), str):
+        values["log"] = _names_flag(values["log"])
+    elif isinstance(values.get("log"), list):
+        values["log"] = tuple(values["log"])
     if values.get("clip_norm") == 0:
         values["clip_norm"] = None
     if values.get("cutout") == 0:
@@ -402,6 +438,24 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(isinstance(cfg.out, str) and cfg.out != "" and "\0" not in cfg.out, "out", "a folder path", cfg.out)
     need(
+        isinstance(cfg.log, tuple) and all(name in TRACKERS for name in cfg.log) and len(set(cfg.log)) == len(cfg.log),
+        "log",
+        f"names among {', '.join(TRACKERS)}, each once",
+        ",".join(map(str, cfg.log)) if isinstance(cfg.log, tuple) else cfg.log,
+    )
+    for name in cfg.log:  # before anything is written, not when the tracker opens
+        missing = missing_package(name)
+        if missing:
+            raise ConfigError(missing)
+    # The file is read (and checked against the model) once the data are loaded: it matters only
+    # for a run without a checkpoint yet (agr_optim.training.checkpoint_io).
+    need(
+        cfg.init_from is None or (isinstance(cfg.init_from, str) and cfg.init_from != "" and "\0" not in cfg.init_from),
+        "init-from",
+        "a file path",
+        cfg.init_from,
+    )
+    need(
         cfg.dataset not in ("cifar10", "cifar100", "tiny-imagenet", "npz") or cfg.data_dir is not None,
         "data-dir",
         f"given for --dataset {cfg.dataset} (nothing is downloaded)",
@@ -469,6 +523,16 @@ class _Flag(argparse.Action):
         _note_given(namespace, self.dest)
 
 
+class _Repeated(argparse.Action):
+    """A flag that may be given several times: the values of every use, in order, each once."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest) if self.dest in vars(namespace).get(_GIVEN, set()) else ()
+        setattr(namespace, self.dest, tuple(dict.fromkeys((*before, *values))))
+        _note_given(namespace, self.dest)
+
+
 class _Switch(argparse.BooleanOptionalAction):
     """``--X``/``--no-X``, noting that the flag was given."""
 
@@ -530,6 +594,8 @@ def build_parser() -> SettingsParser:
         parse = f.metadata["parse"]
         if parse is bool:
             action = p.add_argument(flag, action=_Switch, default=default)
+        elif f.metadata["repeatable"]:
+            action = p.add_argument(flag, action=_Repeated, type=parse, default=default)
         else:
             action = p.add_argument(flag, action=_Flag, type=parse, choices=f.metadata["choices"], default=default)
         action.help = _help(f)

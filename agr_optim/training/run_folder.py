@@ -62,12 +62,15 @@ __all__ = [
     "LOCK",
     "PRE_CHECKPOINT_FILES",
     "RUN_FILES",
+    "TRACKER_FOLDERS",
+    "TRACKING",
     "Checkpoints",
     "RunFolderError",
     "WriteError",
     "arm_fault_hook",
     "atomic_write",
     "is_temporary",
+    "load_tensors",
     "lock_folder",
     "remove_stray_temporaries",
     "unwritable",
@@ -81,12 +84,26 @@ CHECKPOINT_PREV = "checkpoint_prev.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
 CHECKSUMS = "checksums.json"
 LOCK = "run.lock"
+#: ``--log``'s: the W&B run id (:mod:`~agr_optim.training.tracking`), and the trackers' folders.
+TRACKING = "tracking.json"
+TRACKER_FOLDERS = frozenset({"tensorboard", "wandb"})
 #: Every file a run writes in its folder.
 RUN_FILES = frozenset(
-    {CONFIG, "metrics.csv", "summary.json", "curves.png", CHECKPOINT_LAST, CHECKPOINT_PREV, CHECKPOINT_BEST, CHECKSUMS}
+    {
+        CONFIG,
+        "metrics.csv",
+        "summary.json",
+        "curves.png",
+        CHECKPOINT_LAST,
+        CHECKPOINT_PREV,
+        CHECKPOINT_BEST,
+        CHECKSUMS,
+        TRACKING,
+    }
 )
-#: What a run stopped before its first checkpoint can have left (besides temporary files).
-PRE_CHECKPOINT_FILES = frozenset({CONFIG, CHECKSUMS, LOCK})
+#: What a run stopped before its first checkpoint can have left (besides temporary files): the
+#: trackers open before the first epoch.
+PRE_CHECKPOINT_FILES = frozenset({CONFIG, CHECKSUMS, LOCK, TRACKING}) | TRACKER_FOLDERS
 
 FAULT_ENV = "AGR_TRAIN_FAULT"
 FAULT_KILL_EXIT = 86
@@ -313,6 +330,20 @@ def read_regular_file(path: str, accept: Callable[[int], bool] = lambda size: si
         os.close(fd)
 
 
+def load_tensors(data: bytes, path: str, map_location: Any, hint: str) -> Any:
+    """``torch.load(weights_only=True)`` of ``data`` (the bytes of ``path``): tensors and plain
+    data, no code run. A one-line :class:`RunFolderError` naming ``path`` otherwise (``hint``
+    says, for a file that holds other objects, what to do)."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunFolderError(
+            f"{path} holds objects other than tensors and plain data: refused, loading it could run code ({hint})"
+        ) from None
+    except Exception as error:  # torch's own errors for a file it cannot parse
+        raise RunFolderError(f"{path} cannot be read by torch: {str(error).splitlines()[0]}") from None
+
+
 # ---------------------------------------------------------------------- the lock
 def _holder(fd: int) -> str:
     try:
@@ -470,15 +501,7 @@ class Checkpoints:
                 raise RunFolderError(f"{self.path(CHECKPOINT_LAST)} is missing; {self._older()}")
             return None
         path = self.path(name)
-        try:
-            state = torch.load(io.BytesIO(found[0]), map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
-            raise RunFolderError(
-                f"{path} holds objects other than tensors and plain data: refused, loading it could run "
-                f"code (agr-train never writes such a checkpoint)"
-            ) from None
-        except Exception as error:  # torch's own errors for a file it cannot parse
-            raise RunFolderError(f"{path} cannot be read by torch: {str(error).splitlines()[0]}") from None
+        state = load_tensors(found[0], path, map_location, "agr-train never writes such a checkpoint")
         if not isinstance(state, dict):
             raise RunFolderError(f"{path} is not an agr-train checkpoint (a {type(state).__name__}, not a dict)")
         return state
