@@ -185,3 +185,30 @@ def test_resume_reads_its_own_checkpoint_not_the_init_file(plain_run, tmp_path, 
     code, stdout, stderr = run(["--out", tmp_path / "stopped", "--resume"], capsys)
     assert code == 0 and "initial weights" not in stdout, stdout + stderr
     assert_same(model_weights(tmp_path / "stopped"), model_weights(tmp_path / "whole"), "resumed weights")
+
+
+def test_a_run_started_before_log_and_init_from_existed_still_resumes(tmp_path, capsys, one_thread):
+    """A run started by an earlier version has neither setting in its config.json nor in its
+    checkpoint's copy of the settings: they count as their defaults, and --resume goes on."""
+    from agr_optim.training import run_folder
+
+    out = tmp_path / "run"
+    cfg, _ = resolve({**cli.build_parser().parse_flags([str(a) for a in ["--out", out, "--epochs", "2", *TINY]])})
+
+    def stop(trainer, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli.train(cfg, on_epoch=stop, log=lambda s: None)
+    config = json.loads((out / "config.json").read_text())
+    for settings in (config, None):  # config.json, then the checkpoint's copy (re-saved, checksummed)
+        if settings is None:
+            checkpoints = run_folder.Checkpoints(str(out))
+            state = checkpoints.load(run_folder.CHECKPOINT_LAST, "cpu")
+            settings = state["config"]
+        del settings["log"], settings["init_from"]
+    (out / "config.json").write_text(json.dumps(config))
+    checkpoints.save(state, 0)
+    code, stdout, stderr = run(["--out", out, "--resume"], capsys)
+    assert code == 0, stdout + stderr
+    assert len(read_metrics(out)) == 2

@@ -120,8 +120,11 @@ def _load(cfg: TrainConfig) -> Any:
 
 
 def _same_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The settings (but ``out``: a run folder may be moved) in which two configs differ."""
-    return sorted(k for k in set(a) | set(b) if k != "out" and a.get(k) != b.get(k))
+    """The settings (but ``out``: a run folder may be moved) in which two configs differ; one
+    missing from a side (a config.json or checkpoint written before the setting existed) counts
+    as its default, as :meth:`TrainConfig.from_json` reads it."""
+    defaults = TrainConfig(out="-").to_json()
+    return sorted(k for k in set(a) | set(b) if k != "out" and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
 def _resume_state(cfg: TrainConfig, checkpoints: run_folder.Checkpoints) -> dict[str, Any] | None:
