@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,9 @@ def test_tensorboard_and_wandb_hold_every_figure_of_metrics_csv(tmp_path, capsys
     (header,) = [r["run"] for r in records if r["type"] == "run"]
     config = json.loads((out / "config.json").read_text())
     assert header["run_id"] == run_id and header["project"] == "agr-train"
-    assert {k: header["config"]["update"][k] for k in config} == config
+    settings = {k: v for k, v in header["config"]["update"].items() if k != "_wandb"}
+    assert set(settings) == {f.name for f in fields(TrainConfig)}  # every setting, as config.json has it
+    assert settings == {k: config[k] for k in settings}
     summary = [r["summary"]["update"] for r in records if r["type"] == "summary"]
     last = {k: v for update in summary for k, v in update.items()}  # the run's summary: the last values
     assert last["epoch/agr_cosine"] == figures[1]["agr_cosine"] and last["epoch/test_robust_acc"] == figures[1][

@@ -30,6 +30,7 @@ tracker opens (TensorBoard's import costs about a second): ``pip install "agr_op
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import glob
 import importlib.util
@@ -77,7 +78,7 @@ def _numbers(row: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float
     return {k: float(v) for k, v in row.items() if k not in skip and isinstance(v, (int, float))}
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """One backend. ``open`` may refuse with :class:`~agr_optim.training.config.ConfigError`
     (one line naming ``--log``); the others are called only after it opened."""
 
@@ -85,17 +86,22 @@ class Tracker:
     package: ClassVar[str]
 
     @classmethod
+    @abc.abstractmethod
     def open(cls, cfg: TrainConfig, *, epochs_done: int, steps_per_epoch: int, resume: bool) -> Tracker:
-        raise NotImplementedError
+        """Start logging the run in ``cfg.out`` that has ``epochs_done`` epochs in its checkpoint."""
 
+    @abc.abstractmethod
     def log_epoch(self, row: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """An epoch's row (:data:`~agr_optim.training.engine.METRIC_COLUMNS`), on disk when it returns
+        as far as the backend allows."""
 
+    @abc.abstractmethod
     def log_running(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """The running figures after the 0-based optimizer step ``step``."""
 
+    @abc.abstractmethod
     def close(self, failed: bool = False) -> None:
-        raise NotImplementedError
+        """Flush and close (``failed``: the run stopped on an exception)."""
 
 
 # ---------------------------------------------------------------------- TensorBoard
