@@ -32,8 +32,7 @@ def _rows_compilable(
     num_segments: int,
     acc: torch.dtype,
     clip_norm: float | None,
-    floor: float,
-    doubt: float,
+    settings: dict[str, float],
 ) -> ReconstructionStats:
     gram = None
     for a_row, c_row, shape, gather, width in zip(adversarial, clean, shapes, gathers, widths, strict=True):
@@ -43,7 +42,7 @@ def _rows_compilable(
         part = chunks.index_select(0, gather.view(-1)).view(num_segments, width, 4).sum(1)
         gram = part if gram is None else gram + part.to(gram.device)
     assert gram is not None
-    k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
+    k, stats = packed_rule(gram, clip_norm=clip_norm, **settings)
     for a_row, c_row, shape, chunk_segment in zip(adversarial, clean, shapes, chunk_segments, strict=True):
         per_chunk = k.to(a_row.device).index_select(0, chunk_segment)
         a, c = a_row.view(shape), c_row.view(shape)
@@ -70,11 +69,11 @@ def reconstruct_rows_compiled(
         _compiled_kernel = torch.compile(_rows_compilable, dynamic=False)
     ids = tuple(segment_ids)
     maps = [b.segment_maps(ids, num_segments) for b in layout.buckets]
-    floor, doubt = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
+    settings = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
     return _compiled_kernel(  # type: ignore[operator, no-any-return]
         list(adversarial), list(clean), [(b.num_chunks + 1, b.chunk) for b in layout.buckets],
         [m.gather for m in maps], [m.width for m in maps], [m.chunk_segment for m in maps], num_segments,
-        coefficient_dtype(layout.buckets[0].device), clip_norm, floor, doubt,
+        coefficient_dtype(layout.buckets[0].device), clip_norm, settings,
     )
 
 

@@ -42,12 +42,16 @@ __all__ = [
 ]
 
 
-def rule_settings(dtypes: Sequence[torch.dtype], chunk: int) -> tuple[float, float]:
-    """``(floor, doubt)`` of :func:`~agr_optim._geometry.packed_rule` for rows of gradients of
+def rule_settings(dtypes: Sequence[torch.dtype], chunk: int) -> dict[str, float]:
+    """The settings of :func:`~agr_optim._geometry.packed_rule` for rows of gradients of
     ``dtypes`` summed in chunks of ``chunk`` elements: those of the narrowest row dtype (float32
-    unless every gradient is float64)."""
+    unless every gradient is float64). The underflow probe: float32 products are at least about
+    1e-45 and sums at most about 1e43, so 1e-120 <a,c>^2 lies between 0 and the floor (float64's
+    range is too wide for one probe: none; its squares underflow only below ~1e-162)."""
     acc = narrowest_accumulation_dtype(dtypes)
-    return range_floor(acc), packed_doubt(sum_error(acc, chunk), combine_rounding(dtypes))
+    rounding = combine_rounding(dtypes)
+    return {"floor": range_floor(acc), "doubt": packed_doubt(sum_error(acc, chunk), rounding), "rounding": rounding,
+            "probe": 1e-120 if acc == torch.float32 else 0.0}
 
 
 def _chunk_sums(bucket_matrix_a: Tensor, bucket_matrix_c: Tensor, acc: torch.dtype) -> Tensor:
@@ -98,8 +102,8 @@ def reconstruct_rows(
         part = chunks[m.gather, _symmetric(bucket.device)].view(num_segments, m.width, 4).sum(1)
         sums = part if sums is None else sums + part.to(device=device, dtype=acc)
     assert sums is not None
-    floor, doubt = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
-    k, stats = packed_rule(sums, clip_norm=clip_norm, floor=floor, doubt=doubt)
+    settings = rule_settings([b.dtype for b in layout.buckets], max(b.chunk for b in layout.buckets))
+    k, stats = packed_rule(sums, clip_norm=clip_norm, **settings)
     if combine:
         for bucket, m, a_row, c_row in zip(layout.buckets, maps, adversarial, clean, strict=True):
             # In the rows' dtype (one rounding, as the host schedule's combine): mixed dtypes
@@ -175,6 +179,21 @@ def _tensor_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], 
     return torch.stack(rows)
 
 
+_WEIGHTS: dict[tuple[object, ...], Tensor] = {}
+
+
+def _weights(weights: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[T, 1]`` replica weights on the device, made once per list (under tracing: a constant)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(weights, dtype=dtype, device=device)[:, None]
+    key = (dtype, device, *weights)
+    if key not in _WEIGHTS:
+        if len(_WEIGHTS) > 32:
+            _WEIGHTS.clear()
+        _WEIGHTS[key] = torch.tensor(weights, dtype=dtype, device=device)[:, None]
+    return _WEIGHTS[key]
+
+
 def reconstruct_device_tensors(
     adversarial: Sequence[Tensor],
     clean: Sequence[Tensor | None],
@@ -192,13 +211,13 @@ def reconstruct_device_tensors(
     device = adversarial[0].device
     acc = coefficient_dtype(device)
     per_tensor = _tensor_sums(adversarial, clean, acc)
-    if weights is not None:
-        per_tensor = per_tensor * torch.tensor(list(weights), dtype=acc, device=device)[:, None]
+    if weights is not None:  # a cached device tensor: no host-to-device copy per step
+        per_tensor = per_tensor * _weights(tuple(weights), acc, device)
     ids = (torch.tensor(list(segment_ids), device=device) if torch.compiler.is_compiling()  # a graph constant
            else index_tensor(segment_ids, device))
     gram = reduction.segment_sums(per_tensor, ids, num_segments)
-    floor, doubt = rule_settings([a.dtype for a in adversarial], max([1, *(a.numel() for a in adversarial)]))
-    k, stats = packed_rule(gram, clip_norm=clip_norm, floor=floor, doubt=doubt)
+    settings = rule_settings([a.dtype for a in adversarial], max([1, *(a.numel() for a in adversarial)]))
+    k, stats = packed_rule(gram, clip_norm=clip_norm, **settings)
     if out is NO_OUTPUT:
         return [], stats
     per_item = k.index_select(0, ids)

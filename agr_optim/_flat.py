@@ -179,6 +179,7 @@ class Layout:
     first appearance; members keep their order in the list."""
 
     def __init__(self, specs: Sequence[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]]) -> None:
+        self.key = tuple(specs)  # shapes, strides, dtypes, devices: rows of equal keys pair element for element
         self.size = len(specs)
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, (_, _, dtype, device) in enumerate(specs):

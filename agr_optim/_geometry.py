@@ -292,12 +292,14 @@ def rule(
     else:
         # |k_c c| / m: |cos| x when projecting (|k_c c| = |<a,c>|/|c|), cos y when interpolating.
         noise = rounding * (ops.abs(k_a) * x + ops.where(projected, ops.abs(cosine) * x, cosine * y))
-        # sqrt(|r|^2 + doubt^2 + noise^2) by hypot, never squaring a norm.
+        # An upper bound of |r| (sqrt(|r|^2 + doubt^2) by hypot, never squaring a norm), plus the
+        # combine's rounding to first order: the rounded r is at most that long. (Added in
+        # quadrature, the rounding let a nearly antiparallel projection exceed the clip by 1e-5.)
         if exact_norm is None:
             doubt = ops.where(ill_conditioned(cosine, projected), (2.0 * math.sqrt(sum_error)) * x, 0.0)
-            bound = ops.hypot(ops.hypot(norm_r, doubt), noise)
+            bound = ops.hypot(norm_r, doubt) + noise
         else:
-            bound = ops.hypot(norm_r, noise)
+            bound = norm_r + noise
         clip_scale = clip_scale_of(bound, norm_r, clip_norm / m, ops)
     return Rule(
         adversarial=k_a * clip_scale,
@@ -372,7 +374,7 @@ def _packed_constants(dtype: torch.dtype, device: torch.device, floor: float) ->
 
 
 def packed_rule(
-    gram: Tensor, *, clip_norm: float | None, floor: float, doubt: float
+    gram: Tensor, *, clip_norm: float | None, floor: float, doubt: float, rounding: float = 0.0, probe: float = 0.0
 ) -> tuple[Tensor, ReconstructionStats]:
     r""":func:`rule` on all segments at once, in a fixed handful of tensor operations.
 
@@ -390,17 +392,23 @@ def packed_rule(
     divides by :math:`\sqrt{\lVert r\rVert^2 + D^2\lVert a\rVert^2}` where the projection is
     ill-conditioned (:data:`ILL_CONDITIONED`: the closed form loses its digits where :math:`a` and
     :math:`c` are nearly antiparallel; ``doubt`` is :math:`D^2`, :func:`packed_doubt`), by
-    :math:`\lVert r\rVert` elsewhere. A segment with :math:`\lVert a\rVert` or
-    :math:`\lVert c\rVert` below ``floor`` (squares that may be subnormal) counts its clean
-    gradient as zero; non-finite sums give NaN coefficients. Both are ``out_of_range`` in the
-    statistics.
+    :math:`\lVert r\rVert` elsewhere; every projected segment also allows for the combine's
+    ``rounding`` (:math:`8\,\text{rounding}\,\lVert a\rVert^2` inside the root: a first-order
+    bound of the rounding's :math:`2\,\text{rounding}\,\lVert a\rVert`). A segment with
+    :math:`\lVert a\rVert` or :math:`\lVert c\rVert` below ``floor`` (squares that may be
+    subnormal; ``probe`` > 0 also catches a square that underflowed to zero next to a non-zero
+    :math:`\langle a,c\rangle`) counts its clean gradient as zero; non-finite sums give NaN
+    coefficients. Both are ``out_of_range`` in the statistics.
     """
     c = _packed_constants(gram.dtype, gram.device, floor)
     norms = gram[:, 0::3].sqrt()  # |a|, |c|
     # NaN where a sum is not finite (a non-finite gradient, squares or products a_i c_i that
     # overflowed): never a finite k.
     norms.addcmul_(gram.sum(1, keepdim=True), c.zero)
-    band = torch.bucketize(norms.amin(1, keepdim=True), c.bounds, right=True)  # of min(|a|, |c|); NaN: 3
+    # The band of min(|a|, |c|) (NaN: 3). A zero square next to a non-zero <a,c> underflowed:
+    # probe * <a,c>^2 (far below the floor, above 0 for any non-zero <a,c>) moves it to "below".
+    low = norms.amin(1, keepdim=True).addcmul_(gram[:, 1:2], gram[:, 1:2], value=probe)
+    band = torch.bucketize(low, c.bounds, right=True)
     den = norms * norms[:, 1:]  # |a||c|, |c|^2
     # cos and <a,c>/|c|^2; a zero norm, or one below the floor, gives 0 for both (the zero policy).
     ratio = (gram[:, 1:2] / den).masked_fill_(band <= 1, 0.0)
@@ -412,7 +420,10 @@ def packed_rule(
         scale = torch.ones_like(sq_r)
     else:
         bound = torch.addcmul(sq_r, gram[:, 0], cosine < _ILL_COSINE, value=doubt)
-        scale = bound.mul_(1.0 / (clip_norm * clip_norm)).clamp_min_(1.0).rsqrt_()  # min(1, clip / bound)
+        # The combine's rounding, at most 2 rounding |a| for a projection: an upper bound of |r|
+        # plus that, to first order (|r| <= |a|: sqrt(|r|^2 + 8 rounding |a|^2) >= |r| + 2 rounding |a|).
+        bound.addcmul_(gram[:, 0], projected, value=8.0 * rounding)
+        scale = bound.rsqrt_().mul_(clip_norm).clamp_max_(1.0)  # min(1, clip / bound); clip never squared
         k.mul_(scale[:, None])
     return k, ReconstructionStats(
         cosine=cosine,

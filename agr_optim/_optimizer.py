@@ -381,8 +381,10 @@ class AGROptimizer(Optimizer):
         before (a loss function that calls ``zero_grad()`` or ``backward()`` inside) does not
         enter either gradient, and it is ``None`` afterwards, until :meth:`step` sets the update.
         The two losses may share a forward pass (TRADES and MART take the clean logits into the
-        adversarial objective): the shared part of the graph is kept for the second pass and
-        freed by it, with no ``retain_graph`` to pass. Several calls before one :meth:`step`
+        adversarial objective): the clean pass then keeps its graph for the second pass, with no
+        ``retain_graph`` to pass (the clean graph's own part lives on as long as ``clean`` is
+        referenced: drop the loss after the call); graphs that share nothing are freed by their
+        own passes. Several calls before one :meth:`step`
         accumulate, like micro-batches (each loss already divided by their number, as for
         ``loss.backward()``). Under ``GradScaler`` pass the scaled losses
         (``scaler.scale(loss)``) and step with ``scaler.step(opt)``.
@@ -426,16 +428,27 @@ class AGROptimizer(Optimizer):
         for p in params:
             p.grad = None  # what the training code left in .grad is not part of either gradient
         try:
+            # Both passes first, then both stashes: a pass that fails leaves the stash as it was.
             clean.backward(retain_graph=_shares_graph(clean, adversarial))
-            if any(p.grad is not None for p in params):
-                agr._take_stash("clean")
+            clean_grads = [p.grad for p in params]
+            for p in params:
+                p.grad = None
             adversarial.backward()
-            if any(p.grad is not None for p in params):
-                agr._take_stash("adversarial")
+            adversarial_grads = [p.grad for p in params]
+            for name, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
+                if all(g is None for g in grads):
+                    raise ValueError(
+                        f"backward(): the {name} loss reaches none of the optimizer's parameters (no gradient "
+                        "on any of them); pass the loss of the model this optimizer trains. Nothing was changed"
+                    )
         except BaseException:
             for p, g in zip(params, set_aside, strict=True):
                 p.grad = g
             raise
+        for kind, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            agr._take_stash(kind)
 
     def _take_stash(self, kind: str) -> None:
         params = self._unique_params()
@@ -617,12 +630,15 @@ class AGROptimizer(Optimizer):
         """The accelerator schedule: the pairs in rows (the stash's own, or gathered by one copy
         per kind), reconstructed in the adversarial rows, whose views become the ``.grad``."""
         layout = layout_for(plan.params)
-        rows = {kind: self._stash.rows_for(kind, plan.params) for kind in KINDS}
+        rows = {kind: self._stash.rows_for(kind, plan.params, layout) for kind in KINDS}
         a_views = plan.adversarial  # the stash's views when its rows are used
         a_rows = rows["adversarial"]
         if a_rows is None:
             a_rows, a_views = layout.gather_views(plan.adversarial)
         c_rows = rows["clean"] or layout.gather(plan.clean)
+        # Everything is in the rows now: the stash (its tensors, GradScaler's view of them and of
+        # the current gradients) goes before the schedule's temporaries are allocated.
+        self._stash.drop()
         clip = None if self._clip_norm is None or self._clip_norm == float("inf") else float(self._clip_norm)
         run = reconstruct_rows_compiled if plan.implementation == "compiled" else reconstruct_rows
         if plan.mode != "reconstruct":  # the warm start: statistics only, .grad stays the adversarial gradient

@@ -77,11 +77,13 @@ class Stash:
         """The stashed gradients of ``kind``, by parameter (views of the rows in the row form)."""
         return self.kinds[kind].tensors
 
-    def rows_for(self, kind: str, params: Sequence[Tensor]) -> list[Tensor] | None:
-        """``kind``'s rows when they hold exactly ``params`` in this order, else ``None``."""
+    def rows_for(self, kind: str, params: Sequence[Tensor], layout: Layout) -> list[Tensor] | None:
+        """``kind``'s rows when they hold exactly ``params`` in this order laid out as ``layout``
+        (a parameter whose strides changed since the stash, e.g. ``model.to(memory_format=...)``,
+        has another layout: its rows would pair other elements), else ``None``."""
         record = self.kinds.get(kind)
         rows = None if record is None else record.rows
-        if rows is None or len(rows.params) != len(params):
+        if rows is None or len(rows.params) != len(params) or rows.layout.key != layout.key:
             return None
         if any(p is not q for p, q in zip(rows.params, params, strict=True)):
             return None
@@ -118,7 +120,10 @@ class Stash:
     def drop(self, *, by_zero_grad: bool = False) -> None:
         """Forget the stash; ``by_zero_grad``: remember what was dropped, so that a ``step()``
         missing it can say where it went."""
-        self.dropped = tuple(self.kinds) if by_zero_grad else ()
+        # A zero_grad() with nothing stashed keeps the note: a loss function's zero_grad() often
+        # follows the one that dropped the stash. A refusal that reports it clears it.
+        if not by_zero_grad or self.kinds:
+            self.dropped = tuple(self.kinds) if by_zero_grad else ()
         self.kinds, self.passes, self.scaler_view = {}, {}, None
         self.version += 1
 
@@ -127,6 +132,7 @@ class Stash:
         if not self.dropped:
             return ""
         kinds = " and ".join(f"stash_{kind}()" for kind in self.dropped)
+        self.dropped = ()  # said once
         return (
             f" A gradient was stashed ({kinds}) and then dropped by zero_grad(), which forgets the stash: "
             "call zero_grad() before the first backward pass of the step only (reference loss functions such as "
@@ -178,7 +184,7 @@ class Stash:
             stored, views = layout.gather_views(grads)
             record.rows = Rows(layout, tuple(with_grad), stored)
             record.tensors = dict(zip(with_grad, views, strict=True))
-        elif record.rows is not None and self.rows_for(kind, with_grad) is not None:
+        elif record.rows is not None and self.rows_for(kind, with_grad, layout_for(with_grad)) is not None:
             record.rows.layout.gather(grads, add_to=record.rows.rows)  # the same parameters: one add
         else:
             record.rows = None  # another parameter set, or the tensor form: per tensor

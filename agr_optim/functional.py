@@ -209,14 +209,14 @@ def _choose(fused: bool | str, device: torch.device, statistics_only: bool) -> t
         return _override
     if fused is False:
         return "loop", {}
-    if fused == "compile":  # its statistics without compiling: the same schedule, eagerly
-        return ("device" if statistics_only else "compiled"), {}
-    if fused == "device" and not torch.compiler.is_compiling():  # on any device (e.g. to check it on CPU)
-        return "device", {}
     if torch.compiler.is_compiling():
         # Traced into the caller's graph: the per-tensor form (no layout objects to build while
-        # tracing; inductor fuses its operations anyway).
+        # tracing; inductor fuses its operations anyway), whatever fused says.
         return "device_tensors", {}
+    if fused == "compile":  # its statistics without compiling: the same schedule, eagerly
+        return ("device" if statistics_only else "compiled"), {}
+    if fused == "device":  # the accelerator schedule on any device (e.g. to check it on CPU)
+        return "device", {}
     return ("host" if device.type == "cpu" else "device"), {}
 
 

@@ -190,7 +190,7 @@ def test_a_plain_run_continues_into_agr_at_its_own_step():
     model = nn.Linear(5, 3).double()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batches = _batches(5)
-    for x, x_adv, y in batches[:3]:  # three plain steps
+    for _, x_adv, y in batches[:3]:  # three plain steps
         sgd.zero_grad()
         F.cross_entropy(model(x_adv), y).backward()
         sgd.step()
@@ -225,3 +225,49 @@ def test_a_stash_dropped_by_zero_grad_says_so():
     with pytest.raises(RuntimeError) as caught:
         opt.step()
     assert "dropped by zero_grad" not in str(caught.value)
+
+
+def test_backward_refuses_a_loss_that_reaches_no_parameter_and_changes_nothing():
+    model, opt = _setup(True)
+    other = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x, x_adv, y = _batches(1)[0]
+    with pytest.raises(ValueError, match="the clean loss reaches none of the optimizer's parameters"):
+        opt.backward(clean=(other * 2).sum(), adversarial=F.cross_entropy(model(x_adv), y))
+    assert not opt.has_stash and all(p.grad is None for p in model.parameters())
+
+
+def test_a_failed_pass_leaves_no_half_stash():
+    model, opt = _setup(True)
+    x, x_adv, y = _batches(1)[0]
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    loss_c = F.cross_entropy(model(x), y)
+    loss_a = F.cross_entropy(Boom.apply(model(x_adv)), y)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.backward(clean=loss_c, adversarial=loss_a)
+    assert not opt.has_stash and opt._stash.passes == {}
+    loss_c, loss_a = _at_losses(model, x, x_adv, y)
+    opt.backward(clean=loss_c, adversarial=loss_a)  # a retry works
+    opt.step()
+    assert opt.step_count == 1
+
+
+def test_the_dropped_stash_note_survives_a_second_zero_grad():
+    model, opt = _setup(True)
+    x, x_adv, y = _batches(1)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.stash_clean()
+    opt.zero_grad()  # the one inside a loss function ...
+    opt.zero_grad()  # ... and another
+    F.cross_entropy(model(x_adv), y).backward()
+    with pytest.raises(RuntimeError, match="dropped by zero_grad"):
+        opt.step()

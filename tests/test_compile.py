@@ -78,3 +78,13 @@ def test_last_stats_under_compile():
     # The bookkeeping survives the inner step's graph break: stats set, stash dropped.
     assert opt.step_count == 1 and opt.last_stats is not None and not opt.has_stash
     opt.stash_clean()  # would raise "already stashed" if the compiled step had kept the stash
+
+
+def test_fused_compile_inside_a_compiled_function_traces_the_per_tensor_form():
+    """A caller's torch.compile around fused="compile" crashed (a compiled kernel mutating views
+    inside another trace); there every setting traces the per-tensor form."""
+    a, c = [torch.randn(50), torch.randn(3, 4)], [torch.randn(50), torch.randn(3, 4)]
+    fn = lambda a, c: reconstruct(a, c, clip_norm=0.1, fused="compile")  # noqa: E731
+    for got, want in zip(torch.compile(fn, backend="aot_eager")(a, c), reconstruct(a, c, clip_norm=0.1, fused=False),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

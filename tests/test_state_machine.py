@@ -488,6 +488,16 @@ class ProtocolMachine(RuleBasedStateMachine):
                 if err <= tol:
                     matched.append(ref)
                 failures.append(f"|r - r_ref| = {err:.3e} > {tol:.3e}, r_ref = {rr.tolist()} (cos {ref.cosine})")
+            if not matched and self.device_ill_clipped(candidates[0][1], clip):
+                # The accelerator schedule clips a nearly antiparallel projection by a safe bound
+                # (docs/algorithm.rst): the reference's direction, shorter, within the clip.
+                rr = np.concatenate([x.ravel() for x in candidates[0][0]])
+                norm, norm_ref = float(np.linalg.norm(r)), float(np.linalg.norm(rr))
+                kappa = (candidates[0][1].norm_a + candidates[0][1].norm_c) / candidates[0][1].norm_r
+                if norm_ref > 0 and norm <= norm_ref * (1 + delta) and norm > 0 and float(
+                    np.linalg.norm(r / norm - rr / norm_ref)
+                ) <= 16 * delta * kappa:
+                    matched.append(candidates[0][1])
             refs.append(matched)
             if not matched:
                 raise AssertionError(
@@ -511,12 +521,22 @@ class ProtocolMachine(RuleBasedStateMachine):
             errors = []
             for ref in candidates:
                 try:
-                    check_stats(one, [ref], clip, delta)
+                    if self.device_ill_clipped(ref, clip):
+                        # Clipped by the accelerator schedule's safe bound: no exact clip scale to check.
+                        check_stats(dataclasses.replace(one, clip_scale=torch.ones_like(one.clip_scale)), [ref], None,
+                                    delta)
+                    else:
+                        check_stats(one, [ref], clip, delta)
                     break
                 except AssertionError as error:
                     errors.append(f"{error} (reference cos {ref.cosine}, |a| {ref.norm_a}, |c| {ref.norm_c})")
             else:
                 raise AssertionError(f"last_stats of segment {s}: " + "; ".join(errors))
+
+    def device_ill_clipped(self, ref, clip) -> bool:
+        """A clipped, nearly antiparallel projection (cos < -sqrt(15/16)) on the accelerator schedule."""
+        return (self.settings["fused"] == "device" and clip is not None and ref.projected
+                and ref.cosine < -math.sqrt(15 / 16) + 1e-6 and ref.norm_r > 0)
 
     def apply_step(self, expected: Expected, call, may_refuse: bool = False) -> bool:
         """Run ``call`` (a step), check it against ``expected`` and step the reference.
