@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from ..data import DatasetError
-from . import checkpoint_io, reporting, run_folder, tracking
+from . import checkpoint_io, distributed, reporting, run_folder, tracking
 from .config import ConfigError, TrainConfig, build_parser, resolve, validate, validate_data
+from .distributed import ONE, ProcessWorld, Stopped, World
 from .engine import Diverged, Trainer, load_data
 from .run_folder import RunFolderError, WriteError, unwritable, write_json
 
@@ -82,6 +83,7 @@ def _read_config(out: str) -> TrainConfig:
     settings = json.loads(run_folder.read_regular_file(os.path.join(out, run_folder.CONFIG)))
     if not isinstance(settings, dict):
         raise ValueError("not a JSON object of settings")
+    settings.pop("world_size", None)  # the number of processes the run started with: a record, not a setting
     return TrainConfig.from_json(settings)
 
 
@@ -108,14 +110,16 @@ def _fresh_folder(out: str) -> bool:
     return True
 
 
-def _load(cfg: TrainConfig) -> Any:
-    """The data, or a :class:`ConfigError` naming the flags that chose them."""
+def _load(cfg: TrainConfig, world: World = ONE) -> Any:
+    """The data, or a :class:`ConfigError` naming the flags that chose them (or a batch that
+    would leave one of the ``world``'s processes without images)."""
     try:
         data = load_data(cfg)
     except DatasetError as error:
         declared = "" if cfg.num_classes is None else f" --num-classes {cfg.num_classes}"
         raise ConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir!r}{declared}: {error}") from None
     validate_data(cfg, data)
+    world.check_data(cfg, data.y_train.shape[0])
     return data
 
 
@@ -225,6 +229,7 @@ def train(
     sources: dict[str, str] | None = None,
     on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
+    world: World = ONE,
 ) -> dict[str, Any]:
     """Run (or resume) the training in ``cfg.out``; returns the summary (also in ``summary.json``).
 
@@ -237,15 +242,17 @@ def train(
     Raises :class:`~agr_optim.training.config.ConfigError` or
     :class:`~agr_optim.training.run_folder.RunFolderError` (refused: nothing written),
     :class:`RunStopped` (diverged, or a file could not be written: the folder resumes) and
-    :class:`Interrupted` (Ctrl-C).
+    :class:`Interrupted` (Ctrl-C). Under torchrun this is rank 0's part (``world``: the settings
+    go to every process first; the others run :func:`_follow`).
     """
+    world.send_config(cfg, resume)
     problem = unwritable(cfg.out)
     if problem:
         raise ConfigError(f"cannot write to --out {cfg.out!r}: {problem}")
     run_folder.arm_fault_hook()
     saved = _Saved(cfg.out, resume)
     try:
-        return _run(cfg, resume, sources or {}, on_epoch, log, saved)
+        return _run(cfg, resume, sources or {}, on_epoch, log, saved, world)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {saved.where()}") from None
     except WriteError as error:
@@ -259,6 +266,7 @@ def _run(
     on_epoch: Callable[[Trainer, dict[str, Any]], None] | None,
     log: Callable[[str], None],
     saved: _Saved,
+    world: World,
 ) -> dict[str, Any]:
     out = cfg.out
     checkpoints = run_folder.Checkpoints(out)
@@ -272,12 +280,12 @@ def _run(
             state = _resume_state(cfg, checkpoints)
             saved.started, saved.epoch = True, None if state is None else int(state["epoch"]) - 1
             run_folder.remove_stray_temporaries(out)
-            data = _load(cfg)
+            data = _load(cfg, world)
             # --init-from only for a run without a checkpoint yet: resuming reads the run's own.
             init = checkpoint_io.read_init(cfg, data) if state is None and cfg.init_from else None
         else:
             _fresh_folder(out)
-            data = _load(cfg)
+            data = _load(cfg, world)
             init = checkpoint_io.read_init(cfg, data) if cfg.init_from else None
             os.makedirs(out, exist_ok=True)
             note = held.enter_context(run_folder.lock_folder(out))
@@ -286,7 +294,7 @@ def _run(
             state = None
         if note:
             log(f"agr-train: {note}")
-        trainer = Trainer(cfg, data)
+        trainer = Trainer(cfg, data, world)
         if init is not None:
             checkpoint_io.apply_init(trainer.module, init)
         if state is not None:
@@ -299,9 +307,10 @@ def _run(
         else:
             for line in reporting.config_lines(cfg, sources):
                 log(line)
+            log(f"  {'world_size':<20} {world.size!r:<28} (processes: torchrun's WORLD_SIZE, else 1)")
             if started_over:
                 log(f"agr-train: {out} held a run stopped before its first checkpoint: starting over")
-            write_json(os.path.join(out, run_folder.CONFIG), cfg.to_json())
+            write_json(os.path.join(out, run_folder.CONFIG), {**cfg.to_json(), "world_size": world.size})
             saved.started = True
         if init is not None:
             log(init.line())
@@ -310,10 +319,14 @@ def _run(
             f"agr-train: {data.name}: {data.y_train.shape[0]} train / {data.y_test.shape[0]} test images, "
             f"{data.num_classes} classes; AGR {agr_text}"
         )
+        processes = world.describe(cfg)
+        if processes is not None:
+            log(processes)
         steps_per_epoch = -(-data.y_train.shape[0] // cfg.batch_size)
         tracker = held.enter_context(
             tracking.open_trackers(cfg, epochs_done=trainer.epoch, steps_per_epoch=steps_per_epoch, resume=resume)
         )
+        world.start(trainer)  # the other processes take this trainer's state (and the model is wrapped)
         while trainer.epoch < cfg.epochs:
             progress, bar = reporting.epoch_progress(trainer.epoch)
             progress = tracker.watch(trainer.epoch, progress)
@@ -324,6 +337,7 @@ def _run(
             finally:
                 if bar is not None:
                     bar.close()
+            world.epoch_trained()
             tracker.log_epoch(row)  # before the checkpoint: a resumed run purges what it repeats
             _save_epoch(trainer, checkpoints, saved)
             log(reporting.screen_line(cfg, row))
@@ -332,6 +346,10 @@ def _run(
                 log(note)
             if on_epoch is not None:
                 on_epoch(trainer, row)
+            world.epoch_saved()
+        traffic = world.traffic()
+        if traffic is not None:
+            log(traffic)
         autoattack = None
         if cfg.autoattack_samples > 0:
             best = checkpoints.load(run_folder.CHECKPOINT_BEST, cfg.device)
@@ -366,7 +384,61 @@ def _diverged(error: Diverged, trainer: Trainer, saved: _Saved) -> RunStopped:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``agr-train`` command. Exit status 0 when done; 2 for a refused flag or folder (one
     line, nothing written); 3 when the training diverged; 4 when a file could not be written (a
-    full disk); 130 on Ctrl-C. After 3, 4 and 130 the folder resumes with ``--resume``."""
+    full disk); 130 on Ctrl-C. After 3, 4 and 130 the folder resumes with ``--resume``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 runs the command as one process does and the
+    others follow it (:func:`_follow`): rank 0 alone reads the flags and the folder, writes and
+    prints; every process exits with the run's status."""
+    world = distributed.join()
+    if not isinstance(world, ProcessWorld):
+        return _lead(argv, world)
+    if world.main:
+        try:
+            code: int | str | None = _lead(argv, world)
+        except SystemExit as exit_:  # a refused flag (printed), --help
+            code = exit_.code
+        except BaseException:
+            world.leave(1)  # the others stop; Python prints the traceback
+            raise
+    else:
+        code = _follow(world)
+    world.exit(code)  # leaves the group, then the process (see ProcessWorld.exit)
+
+
+def _follow(world: ProcessWorld) -> int:
+    """A process of a torchrun job other than rank 0: the settings, the trainer's state and each
+    epoch's end come from rank 0 (:mod:`~agr_optim.training.distributed`); it reads and writes no
+    file of the run and prints nothing; its exit status is the run's."""
+    try:
+        _follow_run(world)
+        return 0
+    except Stopped as stop:
+        return stop.code
+    except Diverged:  # every process finds it at the same step; rank 0 says where
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _follow_run(world: ProcessWorld) -> None:
+    # A function of its own: the trainer (and its DDP wrapper, which holds the process group) is
+    # released when it returns or raises, before _follow leaves the group; one left to the
+    # interpreter's exit aborts the process in gloo's teardown.
+    cfg, _ = world.receive_config()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        trainer = Trainer(cfg, _load(cfg, world), world)
+    except ConfigError as error:  # rank 0 prints it, naming this process
+        world.fail(EXIT_REFUSED, error)
+    world.start(trainer)
+    while trainer.epoch < cfg.epochs:
+        trainer.train_epoch()
+        world.wait_for_epoch()
+
+
+def _lead(argv: Sequence[str] | None, world: World) -> int:
+    """:func:`main` of one process, or of rank 0 under torchrun."""
     parser = build_parser()
     args = parser.parse_flags(argv)
     resume = args.pop("resume", False)
@@ -391,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sources: dict[str, str] = {}
         else:
             cfg, sources = resolve(args)
-        summary = train(cfg, resume=resume, sources=sources, log=lambda s: print(s, flush=True))
+        summary = train(cfg, resume=resume, sources=sources, log=lambda s: print(s, flush=True), world=world)
     except (ConfigError, RunFolderError) as error:
         parser.error(str(error))
     except RunStopped as stop:

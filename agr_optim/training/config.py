@@ -232,6 +232,12 @@ class TrainConfig:
     device: str = _setting("cpu", "torch device: cpu, cuda, cuda:1, mps")
     amp: str = _setting("none", "autocast dtype on CUDA (fp16 with a GradScaler)", choices=AMP_MODES)
     compile: bool = _setting(False, "torch.compile the model", parse=bool)
+    sync_bn: bool = _setting(
+        False,
+        "under torchrun, SyncBatchNorm: batch statistics of the whole global batch (CUDA only; off: each "
+        "process normalises with its shard's, see docs/distributed.rst)",
+        parse=bool,
+    )
     threads: int | None = _setting(  # None (configs of earlier versions): torch's default
         1,
         "torch CPU threads (more oversubscribe a busy machine, see the docs; on CPU the results "
@@ -479,6 +485,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--device {cfg.device!r}: MPS is not available on this machine; use --device cpu")
     if cfg.amp != "none" and device.type != "cuda":
         raise ConfigError(f"--amp {cfg.amp} needs --device cuda (got {cfg.device!r}); use --amp none")
+    if cfg.sync_bn is not False and (cfg.sync_bn is not True or device.type != "cuda"):
+        raise ConfigError(
+            f"--sync-bn needs --device cuda (got {cfg.device!r}): torch's SyncBatchNorm runs on GPUs only; "
+            "drop --sync-bn for BatchNorm per process"
+        )
     if cfg.autoattack_samples > 0:
         try:
             import torchattacks  # noqa: F401

@@ -30,7 +30,9 @@ from .. import AGROptimizer, StatsAccumulator
 from ..data import Dataset, augment, batches, load_dataset
 from ..models import build_model
 from ..recipes import PGD, StepOutput, avmixup_step, awp_step, mart_step, pgd_at_step, trades_step
+from ..recipes._sharding import drawn_for
 from .config import TrainConfig
+from .distributed import ONE, World
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -116,14 +118,16 @@ class EpochSums:
     near-zero segments (conv biases before BatchNorm, whose cosine is rounding noise) is logged
     beside it. The first step whose loss is not finite is recorded on the device too, so that
     divergence is found at the next read without a host read per step. ``last_loss``: the epoch's
-    training loss is its last batch's (the AGR authors' logging), not the mean.
+    training loss is its last batch's (the AGR authors' logging), not the mean. Under torchrun the
+    reads combine every process's sums (``world``: counts, not means of means).
     """
 
-    def __init__(self, device: torch.device, *, last_loss: bool = False) -> None:
+    def __init__(self, device: torch.device, *, last_loss: bool = False, world: World = ONE) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         # loss * n, correct, n, 1 + the first step with a non-finite loss (0: none yet)
         self.train = torch.zeros(4, dtype=dtype, device=device)
-        self.last = torch.zeros((), dtype=dtype, device=device) if last_loss else None
+        self.last = torch.zeros(2, dtype=dtype, device=device) if last_loss else None  # loss, n
+        self.world = world
         self.agr = StatsAccumulator(min_norm_ratio=None)
         self.agr_without_near_zero = StatsAccumulator()
 
@@ -135,7 +139,7 @@ class EpochSums:
         first = torch.where((seen == 0) & ~torch.isfinite(loss), step + 1, seen)
         self.train += torch.stack([loss * n, correct, n, first - seen])
         if self.last is not None:
-            self.last.copy_(loss)
+            self.last.copy_(torch.stack([loss, n]))
 
     def add_agr(self, optimizer: AGROptimizer) -> None:
         self.agr.update(optimizer)
@@ -144,14 +148,14 @@ class EpochSums:
     def read(self) -> tuple[float, float, int | None]:
         """Running loss and robust accuracy, and the first step with a non-finite loss (or
         ``None``): one host read."""
-        loss_n, correct, n, bad = self.train.tolist()
+        loss_n, correct, n, bad = self.world.epoch_sums(self.train).tolist()
         first_bad = int(bad) - 1 if bad else None
         return (loss_n / n, correct / n, first_bad) if n else (math.nan, math.nan, first_bad)
 
     def finish(self) -> dict[str, float | None]:
         loss, acc, _ = self.read()
         if self.last is not None:
-            loss = self.last.item()
+            loss = self.world.last_loss(self.last)
         row: dict[str, float | None] = {"train_loss": loss, "train_robust_acc": acc}
         counted = self.agr.steps > 0
         means = self.agr.compute() if counted else {}
@@ -182,8 +186,8 @@ class Trainer:
     :meth:`own_streams`; :meth:`train_epoch` adds the sums, the checks and the evaluation.
     """
 
-    def __init__(self, cfg: TrainConfig, data: Any) -> None:
-        self.cfg, self.data = cfg, data
+    def __init__(self, cfg: TrainConfig, data: Any, world: World = ONE) -> None:
+        self.cfg, self.data, self.world = cfg, data, world
         self.device = torch.device(cfg.device)
         cuda = self.device.type == "cuda"
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
@@ -196,6 +200,8 @@ class Trainer:
         if cuda:
             self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: Any = torch.compile(self.module) if cfg.compile else self.module
+        self.eval_model: Any = self.model  # under torchrun: DDP trains, the module itself evaluates
+        self._whole: tuple[Tensor, int, int] | None = None  # the global batch of the next step's shard
         self.sgd = torch.optim.SGD(
             self.module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
@@ -262,7 +268,7 @@ class Trainer:
     def fork(self, **changes: Any) -> Trainer:
         """A copy of this run's state with other settings (``agr=True`` for the AGR arm of a
         shared warm start): same weights, momentum, schedule, random streams and metrics."""
-        twin = Trainer(replace(self.cfg, **changes), self.data)
+        twin = Trainer(replace(self.cfg, **changes), self.data, self.world)
         # Deep copies: Optimizer.load_state_dict keeps the given momentum tensors when their dtype
         # and device already fit, and this arm's next step would then move the twin's momentum.
         twin.load_state_dict(copy.deepcopy(self.state_dict()), optimizer=False)
@@ -308,7 +314,16 @@ class Trainer:
                 cutout=cfg.cutout,  # type: ignore[arg-type]  # validated: None, "authors" or an int
                 generator=self.augment_rng,
             )
-            yield x, yb
+            yield self._shard(x, yb)
+
+    def _shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """This process's rows of a global batch (all of it in one process); the step then draws
+        per example as on the whole batch (:mod:`agr_optim.recipes._sharding`)."""
+        if self.world.size == 1:
+            return x, y
+        lo, hi = self.world.rows(y.shape[0])
+        self._whole = (x, lo, hi)
+        return x[lo:hi], y[lo:hi]
 
     def train_step(self, x: Tensor, y: Tensor) -> StepOutput:
         """One training step of epoch ``self.epoch`` on a batch of :meth:`training_batches`: the
@@ -316,8 +331,11 @@ class Trainer:
         (call inside :meth:`own_streams`, the model in train mode)."""
         opt = self.optimizer_for(self.epoch)
         step = self._warm_step if opt is self.agr_warm else self._step
-        with self.autocast():
-            return step(self.model, opt, x, y, self.scaler)
+        sharded = contextlib.nullcontext() if self._whole is None else drawn_for(*self._whole)
+        with self.autocast(), sharded:
+            out = step(self.model, opt, x, y, self.scaler)
+        self.world.after_step()
+        return out
 
     def train_epoch(self, progress: Progress | None = None) -> dict[str, Any]:
         """Train epoch ``self.epoch`` (and evaluate it if due); returns its metrics row.
@@ -333,7 +351,7 @@ class Trainer:
         """
         cfg, epoch = self.cfg, self.epoch
         opt = self.optimizer_for(epoch)
-        sums = EpochSums(self.device, last_loss=cfg.authors_step)
+        sums = EpochSums(self.device, last_loss=cfg.authors_step, world=self.world)
         n = self.data.y_train.shape[0]
         total = (n + cfg.batch_size - 1) // cfg.batch_size
         lr = self.sgd.param_groups[0]["lr"]
@@ -357,13 +375,15 @@ class Trainer:
                 if isinstance(opt, AGROptimizer):
                     sums.add_agr(opt)
                 running = None
-                if time.perf_counter() >= read_at:  # wall time: a host clock, no device read
+                # Wall time: a host clock, no device read; rank 0's under torchrun (reads are collective).
+                if self.world.agree(time.perf_counter() >= read_at):
                     running = read()
                     read_at = time.perf_counter() + PROGRESS_SECONDS
                 if progress is not None:
                     progress(i + 1, total, running)
             read()
         self._check_finite(epoch, total)
+        self.world.check_replicas(self)
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -400,26 +420,33 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, batch_size: int = 256) -> tuple[float, float]:
         """Clean and PGD (``eval_steps``) test accuracy; attack starts from a seed of their own,
-        the same for every epoch and both arms of a study, so training streams are untouched."""
+        the same for every epoch and both arms of a study, so training streams are untouched.
+        Under torchrun each process attacks every N-th block of ``batch_size`` test images and draws
+        the others' random starts too, so every block's start is one process's; the counts are
+        summed over processes."""
         cfg = self.cfg
         attack = PGD(cfg.eps, cfg.attack_step, cfg.eval_steps, authors=cfg.authors_step)
         cuda = self.device.type == "cuda"
         counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        model = self.eval_model
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(10_000 + cfg.seed)
-            self.model.eval()
-            for i in range(0, self.data.y_test.shape[0], batch_size):
+            model.eval()
+            for block, i in enumerate(range(0, self.data.y_test.shape[0], batch_size)):
                 x = self._prepare(self.data.x_test[i : i + batch_size])
                 y = self.data.y_test[i : i + batch_size]
+                if not self.world.owns(block):
+                    attack._start_noise(x)  # another process attacks it: the stream moves on as there
+                    continue
                 with self.autocast():
                     with torch.no_grad():
-                        clean = self.model(x).argmax(dim=1)
-                    x_adv = attack(self.model, x, y)
+                        clean = model(x).argmax(dim=1)
+                    x_adv = attack(model, x, y)
                     with torch.no_grad():
-                        robust = self.model(x_adv).argmax(dim=1)
+                        robust = model(x_adv).argmax(dim=1)
                 counts += torch.stack([(clean == y).sum(), (robust == y).sum()])
-            self.model.train()
-        clean_correct, robust_correct = counts.tolist()
+            model.train()
+        clean_correct, robust_correct = self.world.total(counts).tolist()
         n = self.data.y_test.shape[0]
         return clean_correct / n, robust_correct / n
 

@@ -1,0 +1,235 @@
+"""agr-train under torchrun (agr_optim.training.distributed): two gloo processes on loopback against
+the single-process reference of tests/_sharded_reference.py (accumulation over the rank shards,
+per-shard BatchNorm); a 2-process run stopped after its first epoch resumes in 1 process; Ctrl-C
+(SIGTERM) to torchrun leaves a resumable run; a divergence stops every process; refusals.
+
+Each torchrun test starts three Python processes (the agent and two workers): about 10 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _sharded_reference import Protocol, reference_run
+from _training import read_metrics, run
+
+from agr_optim.training import TrainConfig, cli, resolve, run_folder, train
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
+slow_distributed = [pytest.mark.slow, pytest.mark.distributed]
+
+PROTOCOL = Protocol()
+# float32 training, reduced by gloo in another order than the reference's sums would be at more
+# processes; with 2 processes every sum has two terms and the runs agree to the last bit here.
+WEIGHT_TOL = 1e-6
+METRIC_TOL = 1e-9  # sums of float32 losses in float64, in another order
+COSINE_TOL = 1e-6  # the library's cosine is summed in float32, the reference's in float64
+
+
+def torchrun(out: Path, *flags: str, processes: int = 2, env: dict | None = None, timeout: float = 180):
+    """``torchrun --standalone --nproc_per_node=N -m agr_optim.train --out OUT FLAGS`` -> completed process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "agr_optim.train", "--out", str(out), *flags]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def agr_train_lines(text: str) -> list[str]:
+    """The lines the run printed (torchrun's own log lines and tracebacks aside)."""
+    return [line for line in text.splitlines() if line.startswith(("agr-train", "epoch "))]
+
+
+def assert_matches_reference(out: Path, world_sizes: list[int]) -> dict:
+    """``out``'s metrics.csv rows and last checkpoint against the reference; returns the largest
+    differences seen."""
+    expected = reference_run(PROTOCOL, world_sizes)
+    rows = read_metrics(out)
+    assert len(rows) == len(world_sizes)
+    worst = {"weights": 0.0, "metrics": 0.0}
+    for epoch, (row, want) in enumerate(zip(rows, expected["rows"], strict=True)):
+        for column, value in want.items():
+            if value is None:
+                assert row[column] == "", (epoch, column)
+                continue
+            err = abs(float(row[column]) - value)
+            worst["metrics"] = max(worst["metrics"], err)
+            tol = COSINE_TOL if column == "agr_cosine" else METRIC_TOL * max(1.0, abs(value))
+            assert err <= tol, f"epoch {epoch} {column}: {row[column]} != {value}"
+    state = torch.load(out / run_folder.CHECKPOINT_LAST, weights_only=True)
+    for name, value in expected["model"].items():
+        got = state["model"][name]
+        if value.is_floating_point():
+            err = float((got - value).abs().max())
+            worst["weights"] = max(worst["weights"], err)
+            assert err <= WEIGHT_TOL, f"{name} differs by {err:.3g}"
+        else:
+            assert torch.equal(got, value), name
+    momentum = [s["momentum_buffer"] for _, s in sorted(state["optimizer"]["state"].items())]
+    for i, (got, value) in enumerate(zip(momentum, expected["momentum"], strict=True)):
+        err = float((got - value).abs().max())
+        worst["weights"] = max(worst["weights"], err)
+        assert err <= WEIGHT_TOL, f"momentum of parameter {i} differs by {err:.3g}"
+    return worst
+
+
+# ---------------------------------------------------------------------- the reference itself
+def test_the_reference_with_one_shard_is_the_single_process_run(tmp_path, capsys):
+    """The reference is right where it can be checked without processes: with one shard per batch
+    it is a plain agr-train run (so its sharded form is the definition, not a copy of the code)."""
+    code, _, _ = run([*PROTOCOL.flags(), "--out", tmp_path / "one"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["world_size"] == 1
+    worst = assert_matches_reference(tmp_path / "one", [1, 1])
+    print(f"one process vs the one-shard reference: {worst}")
+
+
+# ---------------------------------------------------------------------- two processes
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_equal_the_sharded_reference(tmp_path):
+    """torchrun with 2 gloo processes = the reference with 2 shards (per-shard BatchNorm, weighted
+    sums; the last batch of 1347 mod 64 = 3 images splits 2 + 1), epoch 0 plain, epoch 1 AGR: the
+    metrics (training sums, the AGR cosine of the all-reduced gradients, the sharded evaluation)
+    and the weights, buffers and momentum. Rank 0 alone prints; config.json records 2 processes;
+    each AGR step all-reduces the gradients twice, each plain step once."""
+    out = tmp_path / "two"
+    done = torchrun(out, *PROTOCOL.flags())
+    assert done.returncode == 0, done.stdout + done.stderr
+    worst = assert_matches_reference(out, [2, 2])
+    print(f"2 processes vs the 2-shard reference: {worst}")
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    lines = agr_train_lines(done.stdout)
+    assert sum(line.startswith("epoch ") for line in lines) == 2  # one line per epoch: rank 0's
+    assert not agr_train_lines(done.stderr) and "Traceback" not in done.stderr, done.stderr
+    assert any("2 processes on 1 host(s), DDP over gloo; --batch-size 64 is the global batch (32 per" in line
+               for line in lines)
+    (traffic,) = [line for line in lines if "all-reduced" in line]
+    passes, per_pass = (int(v.replace(",", "")) for v in re.findall(r"in ([\d,]+) backward passes, ([\d,]+) bytes", traffic)[0])
+    steps = -(-1347 // 64)
+    parameters = sum(p.numel() for p in torch.load(out / run_folder.CHECKPOINT_LAST, weights_only=True)["model"].values()
+                     if p.is_floating_point()) - sum(
+        v.numel() for k, v in torch.load(out / run_folder.CHECKPOINT_LAST, weights_only=True)["model"].items()
+        if "running" in k or "normalize" in k
+    )
+    assert (passes, per_pass) == (steps * 1 + steps * 2, 4 * parameters)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stopped_after_its_first_epoch_resumes_in_one_process(tmp_path, capsys):
+    """Rank 0 killed at the first file operation of epoch 1's save (AGR_TRAIN_FAULT=kill:N; the
+    other process then stops on its own): the folder holds epoch 0 of 2 processes, and --resume in
+    one process finishes the run as the reference with 2 shards in epoch 0 and 1 in epoch 1."""
+    # N: the file operations of a run's first epoch (counted on a one-process run of the same flags).
+    counted: list[int] = []
+    cfg, _ = resolve({**_as_settings(PROTOCOL.flags()), "out": str(tmp_path / "count")})
+    os.environ[run_folder.FAULT_ENV] = "enospc:100000"
+    try:
+        train(replace_epochs(cfg, 1), log=lambda line: None,
+              on_epoch=lambda trainer, row: counted.append(run_folder._fault.count))  # type: ignore[union-attr]
+    finally:
+        del os.environ[run_folder.FAULT_ENV]
+    out = tmp_path / "stopped"
+    done = torchrun(out, *PROTOCOL.flags(), env={run_folder.FAULT_ENV: f"kill:{counted[0] + 1}"})
+    assert done.returncode != 0
+    assert len(read_metrics(out)) == 1 and json.loads((out / "config.json").read_text())["world_size"] == 2
+    code, stdout, _ = run(["--out", out, "--resume"], capsys)
+    assert code == 0, stdout
+    assert "resuming" in stdout and "processes" not in stdout  # one process: no DDP line
+    worst = assert_matches_reference(out, [2, 1])
+    print(f"2 processes then 1 vs the reference: {worst}")
+
+
+def _as_settings(flags: list[str]) -> dict:
+    parsed = cli.build_parser().parse_flags(flags)
+    return parsed
+
+
+def replace_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
+    return TrainConfig(**{**cfg.to_json(), "lr_milestones": cfg.lr_milestones, "log": cfg.log, "epochs": epochs,
+                          "agr_start_epoch": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_leaves_a_resumable_run(tmp_path, capsys):
+    """SIGTERM to torchrun once epoch 0 is saved (torchrun forwards it to both processes): rank 0
+    says what is saved, the folder holds whole epochs and no temporary file, and --resume in one
+    process finishes it with the epochs saved before unchanged."""
+    out = tmp_path / "run"
+    flags = [*PROTOCOL.flags(), "--epochs", "6", "--agr-start-epoch", "3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "agr_optim.train", "--out", str(out), *flags]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.02)
+        agent.send_signal(signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    saved = read_metrics(out)
+    if len(saved) == 6:
+        pytest.skip("the run finished before the signal reached it")
+    assert agent.returncode != 0
+    assert re.search(r"agr-train: interrupted; epochs? 0(\.\.\d+)? (is|are) saved", stderr), stderr
+    assert not [name for name in os.listdir(out) if run_folder.is_temporary(name)]
+    code, resumed, _ = run(["--out", out, "--resume"], capsys)
+    assert code == 0, resumed
+    rows = read_metrics(out)
+    assert len(rows) == 6
+    same = lambda row: {k: v for k, v in row.items() if k not in ("seconds", "eval_seconds")}  # noqa: E731
+    assert [same(r) for r in rows[: len(saved)]] == [same(r) for r in saved]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_divergence_stops_every_process_with_one_line(tmp_path):
+    """--lr 1e4: both processes find the non-finite loss at the same step (the read is collective)
+    and stop; rank 0 alone says where; exit status 3 (torchrun reports the failed workers)."""
+    done = torchrun(tmp_path / "run", *PROTOCOL.flags(), "--lr", "1e4", "--agr-start-epoch", "0")
+    stops = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error: diverged")]
+    assert len(stops) == 1, done.stderr
+    assert done.stderr.count("exitcode  : 3 ") == 2, done.stderr  # both processes: the run's status
+    assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no worker traceback
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_batch_too_small_for_the_processes_is_refused_by_rank_0(tmp_path):
+    """A global batch that cannot give each process an image: one line from rank 0, every process
+    exits 2, nothing written."""
+    done = torchrun(tmp_path / "run", *PROTOCOL.flags(), "--batch-size", "1")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
+    assert errors == [
+        "agr-train: error: --batch-size 1 (the global batch) with 2 processes: a batch has 1 images, fewer than "
+        "the processes; every process needs an image of every batch: choose a larger --batch-size or fewer "
+        "processes (see --help)"
+    ], done.stderr
+    assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_is_refused_off_cuda(tmp_path, capsys):
+    code, _, err = run([*PROTOCOL.flags(), "--sync-bn", "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert err == (
+        "agr-train: error: --sync-bn needs --device cuda (got 'cpu'): torch's SyncBatchNorm runs on GPUs only; "
+        "drop --sync-bn for BatchNorm per process (see --help)\n"
+    )
+    assert not (tmp_path / "o").exists()
