@@ -339,20 +339,29 @@ class ProcessWorld(World):
             )
 
     def check_replicas(self, trainer: Trainer) -> None:
-        """One all-gather of a float64 fingerprint (the sum and the sum of squares of every weight,
-        buffer and momentum, the learning rate, AGR's step count): processes that drifted apart
-        would each train their own model under one name, so a difference stops the run."""
+        """One all-gather of a float64 fingerprint: the sum and the sum of squares of every weight,
+        buffer and momentum, every random stream's state whole, the learning rate and AGR's step
+        count. Processes that drifted apart would each train their own model under one name, or
+        draw other data, so a difference stops the run."""
         named = [(f"the model's {k}", t) for k, t in trainer.module.state_dict().items()]
         for i, state in enumerate(trainer.sgd.state.values()):
             named += [(f"the optimizer's {k} of parameter {i}", t) for k, t in state.items() if torch.is_tensor(t)]
-        rows = [torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in named]
+        parts = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for _, t in named]
+        streams = {"global": trainer.rng_cpu, "CUDA": trainer.rng_cuda, "order": trainer.order.get_state(),
+                   "augmentation": trainer.augment_rng.get_state()}
+        for name, state in streams.items():
+            if state is not None:
+                named.append((f"the {name} random stream", state))
+                parts.append(state.double())
         agr_steps = trainer.agr.step_count if trainer.agr is not None else 0
-        rows.append(torch.tensor([trainer.sgd.param_groups[0]["lr"], agr_steps], dtype=torch.float64))
-        every = self._gathered(torch.stack([r.to(trainer.device) for r in rows]))
-        differs = (every != every[0]).flatten(start_dim=2).any(dim=2).any(dim=0)
-        if bool(differs.any()):
-            first = int(differs.nonzero()[0, 0])
-            what = named[first][0] if first < len(named) else "the learning rate or AGR's step count"
+        named.append(("the learning rate or AGR's step count", torch.zeros(2)))
+        parts.append(torch.tensor([trainer.sgd.param_groups[0]["lr"], agr_steps], dtype=torch.float64))
+        mine = torch.cat(parts)
+        every = self._gathered(mine.to(trainer.device)).cpu()
+        if not bool((every == every[0]).all()):
+            where = int((every != every[0]).any(dim=0).nonzero()[0, 0])
+            sizes = torch.tensor([p.numel() for p in parts]).cumsum(0)
+            what = named[int((sizes <= where).sum())][0]
             raise RuntimeError(f"the processes hold different values of {what} after epoch {trainer.epoch}: a bug")
 
     def _use_device(self, cfg: TrainConfig) -> None:
