@@ -13,7 +13,9 @@ One module per job, as timm splits its ``train.py`` from what it reuses:
 - :mod:`.run_folder`: the folder's file safety (atomic durable writes, checksummed checkpoints,
   the lock, the test-only fault hook);
 - :mod:`.tracking`: ``--log tensorboard,wandb``, the rows and running figures sent to trackers;
-- :mod:`.checkpoint_io`: ``--init-from``, a new run's weights from a file, checked against the model.
+- :mod:`.checkpoint_io`: ``--init-from``, a new run's weights from a file, checked against the model;
+- :mod:`.distributed`: a run under ``torchrun`` (DDP, each process's shard of the global batch,
+  rank 0 alone with the folder; ``docs/distributed.rst``).
 
 ``agr_optim.train`` is the old path of the same names (and ``python -m agr_optim.train``).
 ``agr-demo`` (:mod:`agr_optim.demo`) and ``benchmarks/train_cost.py`` use the names below.
