@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,10 +128,12 @@ def test_two_processes_equal_the_sharded_reference(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_stopped_after_its_first_epoch_resumes_in_one_process(tmp_path, capsys):
+def test_stopped_after_its_first_epoch_resumes_in_one_process_or_two(tmp_path, capsys):
     """Rank 0 killed at the first file operation of epoch 1's save (AGR_TRAIN_FAULT=kill:N; the
-    other process then stops on its own): the folder holds epoch 0 of 2 processes, and --resume in
-    one process finishes the run as the reference with 2 shards in epoch 0 and 1 in epoch 1."""
+    other process then stops on its own): the folder holds epoch 0 of 2 processes. --resume in one
+    process finishes the run as the reference with 2 shards in epoch 0 and 1 in epoch 1; --resume
+    with 2 processes (in a copy) as the uninterrupted run, the reference with 2 and 2: the other
+    process takes the checkpoint's momentum, schedule, streams and history from rank 0."""
     # N: the file operations of a run's first epoch (counted on a one-process run of the same flags).
     counted: list[int] = []
     flags = cli.build_parser().parse_flags(PROTOCOL.flags())
@@ -144,9 +147,15 @@ def test_stopped_after_its_first_epoch_resumes_in_one_process(tmp_path, capsys):
     done = torchrun(out, *PROTOCOL.flags(), env={run_folder.FAULT_ENV: f"kill:{counted[0] + 1}"})
     assert done.returncode != 0
     assert len(read_metrics(out)) == 1 and json.loads((out / "config.json").read_text())["world_size"] == 2
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    done = torchrun(again, "--resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    worst = assert_matches_reference(again, [2, 2])
+    print(f"2 processes resumed with 2 vs the reference: {worst}")
     code, stdout, _ = run(["--out", out, "--resume"], capsys)
     assert code == 0, stdout
-    assert "resuming" in stdout and "processes" not in stdout  # one process: no DDP line
+    assert "resuming" in stdout and "DDP over" not in stdout  # one process: no DDP line
     worst = assert_matches_reference(out, [2, 1])
     print(f"2 processes then 1 vs the reference: {worst}")
 
@@ -260,3 +269,16 @@ def test_every_method_keeps_the_processes_in_lockstep(tmp_path):
     assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("lockstep")] == [
         "trades", "mart", "awp", "avmixup"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_init_from_reaches_every_process(tmp_path, capsys):
+    """--init-from under torchrun: rank 0 reads the file, the other process takes the weights from
+    rank 0 (it never opens the file), and the replica check after the epoch finds one model."""
+    short = [*PROTOCOL.flags(), "--epochs", "1", "--agr-start-epoch", "0"]
+    assert run([*short, "--out", tmp_path / "first"], capsys)[0] == 0
+    start = tmp_path / "first" / run_folder.CHECKPOINT_LAST
+    done = torchrun(tmp_path / "tuned", *short, "--init-from", str(start))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sum(line.startswith("epoch ") for line in done.stdout.splitlines()) == 1

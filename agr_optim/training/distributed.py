@@ -276,6 +276,7 @@ class ProcessWorld(World):
         if not self.main:
             trainer.load_state_dict(state)
         self.started = True
+        self._compare(trainer, f"before epoch {trainer.epoch}")  # before training's collectives: a mismatch hangs them
 
     def epoch_trained(self) -> None:
         self.waiting = True
@@ -339,6 +340,9 @@ class ProcessWorld(World):
             )
 
     def check_replicas(self, trainer: Trainer) -> None:
+        self._compare(trainer, f"after epoch {trainer.epoch}")
+
+    def _compare(self, trainer: Trainer, when: str) -> None:
         """One all-gather of a float64 fingerprint: the sum and the sum of squares of every weight,
         buffer and momentum, every random stream's state whole, the learning rate and AGR's step
         count. Processes that drifted apart would each train their own model under one name, or
@@ -357,12 +361,16 @@ class ProcessWorld(World):
         named.append(("the learning rate or AGR's step count", torch.zeros(2)))
         parts.append(torch.tensor([trainer.sgd.param_groups[0]["lr"], agr_steps], dtype=torch.float64))
         mine = torch.cat(parts)
-        every = self._gathered(mine.to(trainer.device)).cpu()
-        if not bool((every == every[0]).all()):
-            where = int((every != every[0]).any(dim=0).nonzero()[0, 0])
-            sizes = torch.tensor([p.numel() for p in parts]).cumsum(0)
-            what = named[int((sizes <= where).sum())][0]
-            raise RuntimeError(f"the processes hold different values of {what} after epoch {trainer.epoch}: a bug")
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, mine)  # as objects: a process with other tensors has another length
+        for other in every:
+            if other.shape != mine.shape or not torch.equal(other, mine):
+                if other.shape != mine.shape:
+                    what = "the optimizer's state (other tensors)"
+                else:
+                    where = int((other != mine).nonzero()[0, 0])
+                    what = named[int((torch.tensor([p.numel() for p in parts]).cumsum(0) <= where).sum())][0]
+                raise RuntimeError(f"the processes hold different values of {what} {when}: a bug")
 
     def _use_device(self, cfg: TrainConfig) -> None:
         if torch.device(cfg.device).type == "cuda":
