@@ -146,6 +146,8 @@ def test_stopped_after_its_first_epoch_resumes_in_one_process_or_two(tmp_path, c
     out = tmp_path / "stopped"
     done = torchrun(out, *PROTOCOL.flags(), env={run_folder.FAULT_ENV: f"kill:{counted[0] + 1}"})
     assert done.returncode != 0
+    # The other process, waiting for epoch 1's files, says in one line that rank 0 is gone.
+    assert "agr-train: process 1: the run's other processes are gone" in done.stderr and "[rank1]" not in done.stderr
     assert len(read_metrics(out)) == 1 and json.loads((out / "config.json").read_text())["world_size"] == 2
     again = tmp_path / "again"
     shutil.copytree(out, again)
