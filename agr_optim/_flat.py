@@ -204,6 +204,7 @@ class Layout:
         bucket; with ``add_to`` (rows of this layout), added into those instead."""
         return self.gather_views(tensors, add_to=add_to)[0]
 
+    @torch.no_grad()  # rows are buffers: a gradient that carries a graph (create_graph=True) is copied, not traced
     def gather_views(
         self, tensors: Sequence[Tensor | None], *, add_to: list[Tensor] | None = None
     ) -> tuple[list[Tensor], list[Tensor]]:

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _asserts import reference_agr
 from torch import nn
 
 from agr_optim import AGROptimizer
@@ -397,3 +398,27 @@ def test_the_clip_holds_where_a_projection_is_nearly_antiparallel(fused):
                  ([1.0712, 0.3857, 1.5700], [-3.2642, -1.1739, -4.7920])):
         (r,) = functional.reconstruct([torch.tensor(a)], [torch.tensor(c)], clip_norm=1e-3, fused=fused)
         assert r.double().norm().item() <= 1e-3 * (1 + 2 * eps)
+
+
+# --------------------------------------------------------------------------- second review
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("first", ["clean", "adversarial"])
+def test_a_gradient_that_carries_a_graph_is_stashed_in_rows(first):
+    """``backward(create_graph=True)`` leaves a ``.grad`` that requires grad: copying it into the
+    stash's rows outside ``no_grad`` raised (in-place write into a view of a split), where the CPU
+    schedules stash it. The update is the float64 reference's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    params = list(model.parameters())
+    x = torch.randn(5, 4)
+    losses = {"clean": lambda: model(x).square().sum(), "adversarial": lambda: model(x + 0.3).sin().sum()}
+    grads = {kind: torch.autograd.grad(loss(), params) for kind, loss in losses.items()}
+    want, _ = reference_agr(grads["adversarial"], grads["clean"], clip_norm=None, segments=range(len(params)))
+    opt = AGROptimizer(torch.optim.SGD(params, lr=0.0), clip_norm=None, fused="device")
+    second = "adversarial" if first == "clean" else "clean"
+    losses[first]().backward(create_graph=True)
+    (opt.stash_clean if first == "clean" else opt.stash_adversarial)()
+    losses[second]().backward()
+    opt.step()
+    for p, r in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad.double(), torch.from_numpy(r), rtol=1e-5, atol=1e-6)
