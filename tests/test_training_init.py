@@ -212,3 +212,40 @@ def test_a_run_started_before_log_and_init_from_existed_still_resumes(tmp_path, 
     code, stdout, stderr = run(["--out", out, "--resume"], capsys)
     assert code == 0, stdout + stderr
     assert len(read_metrics(out)) == 2
+
+
+# ---------------------------------------------------------------------- review: files users have
+def test_torch_compile_prefixes_are_read_like_ddps(plain_run, tmp_path, one_thread):
+    """A state dict of a torch.compile'd model (keys ``_orig_mod.``), also inside DDP or around it
+    (``module._orig_mod.``, ``_orig_mod.module.``): the same weights as the plain file."""
+    cfg, data = settings(tmp_path)
+    weights = model_weights(plain_run)
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        path = tmp_path / "compiled.pt"
+        torch.save({"state_dict": {prefix + k: v for k, v in weights.items()}}, path)
+        init = read_init(replace(cfg, init_from=str(path)), data)
+        assert "torch.compile's _orig_mod. prefix" in init.source, prefix
+        assert ("DDP's module. prefix" in init.source) == ("module." in prefix), prefix
+        assert_same(init.state, weights, prefix)
+
+
+def test_an_empty_file_a_missing_checkpoint_and_other_kinds_of_tensor_are_refused(plain_run, tmp_path, capsys):
+    """One line each, nothing written: an empty file (torch's EOFError has no message), a
+    checkpoint name in a run folder that has none of it, integer, bool or complex tensors for
+    floating weights (load_state_dict would cast them silently: 0/1 weights from a bool mask),
+    a sparse or a meta tensor (torch's own errors, deep in the check)."""
+    weights = model_weights(plain_run)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "empty.pt is empty (0 bytes)" in refusal(tmp_path, capsys, empty)
+    line = refusal(tmp_path, capsys, plain_run / "checkpoint_prev.pt")  # a 1-epoch run has none
+    assert "checkpoint_prev.pt': no such file" in line
+    w = weights["features.0.weight"]
+    for kind, tensor in (("torch.bool", w > 0), ("torch.int64", w.long()), ("torch.complex64", w.cfloat())):
+        line = refusal(tmp_path, capsys, {**weights, "features.0.weight": tensor})
+        assert f"features.0.weight is {kind} in the file and torch.float32 in the model" in line, kind
+    line = refusal(tmp_path, capsys, {**weights, "features.0.weight": w.to_sparse()})
+    assert "features.0.weight is a sparse tensor (torch.sparse_coo)" in line
+    line = refusal(tmp_path, capsys, {**weights, "features.0.weight": torch.empty(w.shape, device="meta")})
+    assert "features.0.weight is a meta tensor (shapes without values)" in line
+    assert not (tmp_path / "run").exists()

@@ -9,17 +9,19 @@ schedule and AGR from the first step (docs/reproducing.rst, "Fine-tuning a train
 What the file may hold (read with ``torch.load(weights_only=True)``, which builds tensors and plain
 data and runs no code):
 
-- a state dict (``model.state_dict()``), also DDP's, whose every key starts with ``module.``;
+- a state dict (``model.state_dict()``), also DDP's, whose every key starts with ``module.``, or a
+  ``torch.compile``'d model's (``_orig_mod.``; both prefixes in either order);
 - ``{'state_dict': ...}`` or ``{'model': ...}``, as model zoos ship them;
 - an ``agr-train`` checkpoint (``checkpoint_last.pt``, ``checkpoint_prev.pt``,
   ``checkpoint_best.pt``): its ``model``; in a run folder with ``checksums.json`` it is read only
   when its SHA-256 is recorded there (:class:`~agr_optim.training.run_folder.Checkpoints`).
 
 The weights must fit the model exactly: the same keys and shapes (a refusal names the first wrong
-key and both shapes, and counts the others), finite values. One exception: a file without both
-``normalize.mean`` and ``normalize.std`` (the AGR authors' models normalize in code, with the
-statistics this package's models default to, so their state dicts lack the two buffers) keeps the
-model's own, and the run says so.
+key and both shapes, and counts the others), floating tensors where the model's are floating
+(``load_state_dict`` would cast a bool mask or int8 values silently), dense, finite values. One
+exception: a file without both ``normalize.mean`` and ``normalize.std`` (the AGR authors' models
+normalize in code, with the statistics this package's models default to, so their state dicts
+lack the two buffers) keeps the model's own, and the run says so.
 """
 
 from __future__ import annotations
@@ -64,15 +66,23 @@ def _shape(t: Tensor) -> str:
     return f"({', '.join(map(str, t.shape))})"
 
 
+def _kind(t: Tensor) -> str:
+    """What a dtype holds, for :func:`fit`: real floating, complex, or integers (bool, quantized)."""
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer"
+
+
 def _load_file(path: str) -> Any:
     """The file's object: through the run folder's checksums when it is an ``agr-train``
     checkpoint beside a ``checksums.json``, else plainly; a one-line :class:`ConfigError`."""
     folder, name = os.path.split(os.path.abspath(path))
     if name in _CHECKPOINT_NAMES and os.path.exists(os.path.join(folder, run_folder.CHECKSUMS)):
         try:
-            return run_folder.Checkpoints(folder).load(name, "cpu")
+            state = run_folder.Checkpoints(folder).load(name, "cpu")
         except run_folder.RunFolderError as error:
             raise ConfigError(f"--init-from: {error}") from None
+        if state is None:  # the run has none of that name (a run of one epoch has no checkpoint_prev.pt)
+            raise ConfigError(f"--init-from {path!r}: no such file")
+        return state
     try:
         data = run_folder.read_regular_file(path, accept=lambda size: True)
     except FileNotFoundError:
@@ -110,8 +120,21 @@ def _weights(obj: Any, path: str) -> tuple[dict[str, Tensor], str]:
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise ConfigError(f"--init-from {path!r}: {source} holds {key!r}, which is not a named tensor")
-    if all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
-        state, source = {key[len("module.") :]: v for key, v in state.items()}, f"{source}, DDP's module. prefix"
+    for key, value in state.items():
+        # torch's own errors deep in the check otherwise (isfinite of a sparse or a meta tensor)
+        if value.layout != torch.strided:
+            raise ConfigError(f"--init-from {path!r}: {key} is a sparse tensor ({value.layout}); save dense weights")
+        if value.is_meta:
+            raise ConfigError(f"--init-from {path!r}: {key} is a meta tensor (shapes without values)")
+    # DistributedDataParallel's module. and torch.compile's _orig_mod., in either order.
+    prefixes = {"module.": "DDP's module. prefix", "_orig_mod.": "torch.compile's _orig_mod. prefix"}
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix, what in prefixes.items():
+            if all(key.startswith(prefix) for key in state):
+                state, source = {key[len(prefix) :]: v for key, v in state.items()}, f"{source}, {what}"
+                stripped = True
     return state, source
 
 
@@ -124,17 +147,28 @@ def fit(state: dict[str, Tensor], model: dict[str, Tensor]) -> tuple[str, ...]:
     missing = [k for k in missing if k not in kept]
     unexpected = [k for k in state if k not in model]
     reshaped = [k for k in model if k in state and state[k].shape != model[k].shape]
-    if not (missing or unexpected or reshaped):
+    # load_state_dict casts silently: float64 or float16 weights are fine, integer, bool or complex
+    # ones for floating weights (a mask, quantized values) are not weights.
+    retyped = [k for k in model if k in state and k not in reshaped and _kind(state[k]) != _kind(model[k])]
+    if not (missing or unexpected or reshaped or retyped):
         return kept
     counts = ", ".join(
         f"{len(keys)} {what}"
-        for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+        for keys, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (reshaped, "of another shape"),
+            (retyped, "of another kind"),
+        )
         if keys
     )
-    wrong = [k for k in model if k in missing or k in reshaped]  # the model's order
+    wrong = [k for k in model if k in missing or k in reshaped or k in retyped]  # the model's order
     if wrong and wrong[0] in reshaped:
         key = wrong[0]
         what = f"{key} has shape {_shape(state[key])} in the file and {_shape(model[key])} in the model"
+    elif wrong and wrong[0] in retyped:
+        key = wrong[0]
+        what = f"{key} is {state[key].dtype} in the file and {model[key].dtype} in the model"
     elif wrong:
         what = f"the model's {wrong[0]} {_shape(model[wrong[0]])} is not in the file"
     else:

@@ -334,6 +334,8 @@ def load_tensors(data: bytes, path: str, map_location: Any, hint: str) -> Any:
     """``torch.load(weights_only=True)`` of ``data`` (the bytes of ``path``): tensors and plain
     data, no code run. A one-line :class:`RunFolderError` naming ``path`` otherwise (``hint``
     says, for a file that holds other objects, what to do)."""
+    if not data:  # torch's EOFError says nothing
+        raise RunFolderError(f"{path} is empty (0 bytes)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -341,7 +343,8 @@ def load_tensors(data: bytes, path: str, map_location: Any, hint: str) -> Any:
             f"{path} holds objects other than tensors and plain data: refused, loading it could run code ({hint})"
         ) from None
     except Exception as error:  # torch's own errors for a file it cannot parse
-        raise RunFolderError(f"{path} cannot be read by torch: {str(error).splitlines()[0]}") from None
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise RunFolderError(f"{path} cannot be read by torch ({type(error).__name__}: {detail})") from None
 
 
 # ---------------------------------------------------------------------- the lock
