@@ -389,8 +389,10 @@ class AGROptimizer(Optimizer):
         ``loss.backward()``). Under ``GradScaler`` pass the scaled losses
         (``scaler.scale(loss)``) and step with ``scaler.step(opt)``.
 
-        ``clean=None`` (the warm start without a clean pass) is ``adversarial.backward()``: the
-        step then uses ``.grad``, as in the two-pass protocol.
+        ``clean=None`` (the warm start without a clean pass) leaves the adversarial gradient in
+        ``.grad`` for the step, as the single backward pass of the warm start does; it too is
+        independent of what was in ``.grad`` (the last step's update, an attack's backward pass
+        through the model), and such calls before one :meth:`step` add up.
 
         Example:
             >>> import torch
@@ -415,10 +417,7 @@ class AGROptimizer(Optimizer):
                        else f"shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}")
                 raise ValueError(f"backward(): {name} must be a scalar loss tensor that requires grad (got {got})")
         agr._stash.refuse_if_interrupted("backward()")
-        if clean is None:
-            adversarial.backward()
-            return
-        if agr._stash.passes.get("clean", 0) != agr._stash.passes.get("adversarial", 0):
+        if clean is not None and agr._stash.passes.get("clean", 0) != agr._stash.passes.get("adversarial", 0):
             raise RuntimeError(
                 "backward() found only one kind of gradient stashed (a stash_clean() or stash_adversarial() "
                 "without its partner): finish that step, or call zero_grad(). Nothing was changed"
@@ -427,24 +426,28 @@ class AGROptimizer(Optimizer):
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None  # what the training code left in .grad is not part of either gradient
+        earlier = agr._stash.unstashed
         try:
-            # Both passes first, then both stashes: a pass that fails leaves the stash as it was.
-            clean.backward(retain_graph=_shares_graph(clean, adversarial))
-            clean_grads = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            adversarial.backward()
-            adversarial_grads = [p.grad for p in params]
-            for name, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
-                if all(g is None for g in grads):
-                    raise ValueError(
-                        f"backward(): the {name} loss reaches none of the optimizer's parameters (no gradient "
-                        "on any of them); pass the loss of the model this optimizer trains. Nothing was changed"
-                    )
+            # Both passes and every check first, then the writes: a pass that fails or a refusal
+            # leaves .grad and the stash as they were.
+            if clean is None:
+                adversarial_grads = _gradients_of(adversarial, "adversarial", params)
+                _refuse_unlike(adversarial_grads, params, earlier)
+            else:
+                clean_grads = _gradients_of(clean, "clean", params, retain_graph=_shares_graph(clean, adversarial))
+                adversarial_grads = _gradients_of(adversarial, "adversarial", params)
+                for kind, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
+                    agr._stash.refuse_unfit(kind, params, grads)
         except BaseException:
             for p, g in zip(params, set_aside, strict=True):
                 p.grad = g
             raise
+        if clean is None:  # the adversarial gradient stays in .grad, added to the earlier calls' only
+            for p, g in zip(params, adversarial_grads, strict=True):
+                before = earlier.get(p)
+                p.grad = before if g is None else g if before is None else before.add_(g)
+            agr._stash.unstashed = {p: p.grad for p in params if p.grad is not None}
+            return
         for kind, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
@@ -680,10 +683,13 @@ class AGROptimizer(Optimizer):
         if len(kinds) == 1:
             kind = kinds[0]
             if not has_current:
+                # A zero_grad() that dropped the other kind's stash is the likelier cause than the order.
+                cause = self._stash.dropped_note().strip() or (
+                    f"stash_{kind}() goes between the two backward passes (after the first), not after both."
+                )
                 raise RuntimeError(
                     f"AGROptimizer.step() found the stashed {kind} gradient but no current gradient on any "
-                    f"parameter: stash_{kind}() goes between the two backward passes (after the first), not "
-                    "after both. Nothing was changed; call zero_grad() and redo the step"
+                    f"parameter: {cause} Nothing was changed; call zero_grad() and redo the step"
                 )
             stashed = self._stash[kind].get
             return (current, stashed) if kind == "clean" else (stashed, current)
@@ -808,6 +814,35 @@ def _shares_graph(first: Tensor, second: Tensor) -> bool:
         return seen
 
     return not nodes(first).isdisjoint(nodes(second))
+
+
+def _gradients_of(loss: Tensor, name: str, params: list[Tensor], *, retain_graph: bool = False) -> list[Tensor | None]:
+    """``loss``'s gradient of each parameter (``None``: not reached), by autograd through ``.grad``,
+    which is ``None`` before and after; a loss that reaches none of them is refused."""
+    loss.backward(retain_graph=retain_graph)
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    if all(g is None for g in grads):
+        raise ValueError(
+            f"backward(): the {name} loss reaches none of the optimizer's parameters (no gradient on any of them); "
+            "pass the loss of the model this optimizer trains. Nothing was changed"
+        )
+    return grads
+
+
+def _refuse_unlike(grads: list[Tensor | None], params: list[Tensor], earlier: dict[Tensor, Tensor]) -> None:
+    """Refuse gradients that cannot be added to what earlier ``backward(clean=None)`` calls left."""
+    for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+        before = earlier.get(p)
+        if g is not None and before is not None and (g.shape, g.dtype, g.device) != (before.shape, before.dtype,
+                                                                                      before.device):
+            raise RuntimeError(
+                f"backward(): the adversarial gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, on "
+                f"{g.device}) does not match the one an earlier backward(clean=None) left (shape "
+                f"{tuple(before.shape)}, {before.dtype}, on {before.device}): the model was moved or cast between "
+                "micro-batches; call zero_grad() and redo them"
+            )
 
 
 def _requires_closure(optimizer: Optimizer) -> bool:

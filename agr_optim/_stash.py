@@ -65,6 +65,9 @@ class Stash:
         self.scaler_view: object | None = None  # _amp.ScalerView of the current stash
         self.interrupted: str | None = None  # why step() and the stash are refused until zero_grad()
         self.dropped: tuple[str, ...] = ()  # the kinds the last zero_grad() dropped (for step()'s message)
+        # The .grad that backward(clean=None) calls since the last step left, by parameter: they add
+        # up; anything else found in .grad (the last update, an attack's pass) is not theirs.
+        self.unstashed: dict[Tensor, Tensor] = {}
 
     # ------------------------------------------------------------------ reading
     def __bool__(self) -> bool:
@@ -124,7 +127,7 @@ class Stash:
         # follows the one that dropped the stash. A refusal that reports it clears it.
         if not by_zero_grad or self.kinds:
             self.dropped = tuple(self.kinds) if by_zero_grad else ()
-        self.kinds, self.passes, self.scaler_view = {}, {}, None
+        self.kinds, self.passes, self.scaler_view, self.unstashed = {}, {}, None, {}
         self.version += 1
 
     def dropped_note(self) -> str:
@@ -160,23 +163,7 @@ class Stash:
                 f"stash_{kind}() found no gradient on any parameter: call it after the {kind} backward pass "
                 "(it moves .grad into the stash). Nothing was changed"
             )
-        for index, p in enumerate(params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(
-                    f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; AGR supports dense gradients "
-                    "only"
-                )
-            spec = record.specs.get(p)
-            if spec is not None and spec != (tuple(g.shape), g.dtype, g.device):
-                shape, dtype, device = spec
-                raise RuntimeError(
-                    f"the gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, on {g.device}) does not "
-                    f"match its stashed {kind} gradient (shape {shape}, {dtype}, on {device}): the model was moved "
-                    "or cast between micro-batches; call zero_grad() and redo them"
-                )
+        self.refuse_unfit(kind, params, [p.grad for p in params])
         with_grad = [p for p in params if p.grad is not None]
         grads: list[Tensor] = [p.grad for p in with_grad]  # type: ignore[misc]
         if rows and not record.tensors:
@@ -203,4 +190,28 @@ class Stash:
         self.kinds[kind] = record
         self.passes[kind] = self.passes.get(kind, 0) + 1
         self.version += 1
-        self.dropped = ()
+        # A note on another kind stays: stash_clean(), zero_grad() (a loss function's), a backward
+        # pass and stash_adversarial() still miss the clean gradient the zero_grad() dropped.
+        self.dropped = tuple(k for k in self.dropped if k != kind)
+        self.unstashed = {}
+
+    def refuse_unfit(self, kind: str, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """Refuse gradients (of ``params``; ``None``: none) that :meth:`take` cannot add to ``kind``'s
+        stash: sparse ones, and ones of another shape, dtype or device than the stash holds."""
+        record = self.kinds.get(kind, KindStash())
+        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise ValueError(
+                    f"parameter {index} (shape {tuple(p.shape)}) has a sparse gradient; AGR supports dense gradients "
+                    "only"
+                )
+            spec = record.specs.get(p)
+            if spec is not None and spec != (tuple(g.shape), g.dtype, g.device):
+                shape, dtype, device = spec
+                raise RuntimeError(
+                    f"the gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, on {g.device}) does not "
+                    f"match its stashed {kind} gradient (shape {shape}, {dtype}, on {device}): the model was moved "
+                    "or cast between micro-batches; call zero_grad() and redo them"
+                )

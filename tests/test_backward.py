@@ -271,3 +271,100 @@ def test_the_dropped_stash_note_survives_a_second_zero_grad():
     F.cross_entropy(model(x_adv), y).backward()
     with pytest.raises(RuntimeError, match="dropped by zero_grad"):
         opt.step()
+
+
+# --------------------------------------------------------------------------- review fixes
+@FUSED
+def test_backward_without_a_clean_loss_ignores_what_was_left_in_grad_and_accumulates_its_own(fused):
+    """The warm start through ``backward(clean=None, ...)`` with no ``zero_grad()`` (the other
+    calls need none): each step's update is its own adversarial gradient, not plus the last step's
+    update left in ``.grad`` or an attack's parameter gradients; calls before one step add up.
+    Against plain SGD on the adversarial loss (what the warm start is)."""
+    model, opt = _setup(fused)
+    opt.start_step = 10
+    twin = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    batches = _batches(6)
+    for step in range(3):
+        micro = batches[2 * step: 2 * step + 2]
+        sgd.zero_grad()
+        for _x, x_adv, y in micro:
+            (F.cross_entropy(twin(x_adv), y) / 2).backward()
+        sgd.step()
+        F.cross_entropy(model(micro[0][0]), micro[0][2]).backward()  # e.g. an attack's backward pass
+        for _x, x_adv, y in micro:
+            opt.backward(clean=None, adversarial=F.cross_entropy(model(x_adv), y) / 2)
+        opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_without_a_clean_loss_refuses_a_loss_that_reaches_no_parameter():
+    model, opt = _setup(True)
+    opt.start_step = 1
+    other = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="the adversarial loss reaches none of the optimizer's parameters"):
+        opt.backward(clean=None, adversarial=(other * 2).sum())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())  # nothing changed
+
+
+def test_a_dropped_clean_stash_is_named_when_the_adversarial_one_was_stashed_after_it():
+    """Stashing both (the accumulation recipe) around a loss function that calls zero_grad():
+    the refusal names the dropped clean stash, not the order of the stashes."""
+    model, opt = _setup(True)
+    x, x_adv, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.stash_clean()
+    opt.zero_grad()  # inside a reference loss function
+    F.cross_entropy(model(x_adv), y).backward()
+    opt.stash_adversarial()
+    with pytest.raises(RuntimeError, match=r"stash_clean\(\)\) and then dropped by zero_grad\(\)"):
+        opt.step()
+
+
+@FUSED
+def test_backward_refused_at_the_stash_leaves_grad_and_the_stash_as_they_were(fused):
+    """The model cast between two accumulating calls: the refusal comes before anything changes
+    (``.grad`` as the training code left it, the first call's stash whole), and the step after
+    casting back equals the two-pass protocol of the calls that went through."""
+    model, opt = _setup(fused)
+    twin, twin_opt = _setup(fused)
+    first, second, third = _batches(3)
+    twin_opt.zero_grad()
+    for batch in (first, third):
+        loss_c, loss_a = _trades_losses(twin, *batch)
+        loss_c.backward(retain_graph=True)
+        twin_opt.stash_clean()
+        loss_a.backward()
+        twin_opt.stash_adversarial()
+    twin_opt.step()
+
+    opt.zero_grad()
+    opt.backward(**dict(zip(("clean", "adversarial"), _trades_losses(model, *first), strict=True)))
+    model.float()
+    left = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), left, strict=True):
+        p.grad = g
+    x, x_adv, y = second
+    with pytest.raises(RuntimeError, match="does not match its stashed clean gradient"):
+        opt.backward(**dict(zip(("clean", "adversarial"), _trades_losses(model, x.float(), x_adv.float(), y),
+                                strict=True)))
+    assert all(p.grad is g for p, g in zip(model.parameters(), left, strict=True))
+    assert opt._stash.passes == {"clean": 1, "adversarial": 1}
+    model.double()
+    opt.backward(**dict(zip(("clean", "adversarial"), _trades_losses(model, *third), strict=True)))
+    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_refuses_a_sparse_gradient_before_changing_anything():
+    embedding = nn.Embedding(5, 3, sparse=True).double()
+    opt = AGROptimizer(torch.optim.SGD(embedding.parameters(), lr=0.1))
+    index = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(5, 3\)\) has a sparse gradient"):
+        opt.backward(clean=embedding(index).sum(), adversarial=embedding(index).pow(2).sum())
+    assert embedding.weight.grad is None and not opt.has_stash
