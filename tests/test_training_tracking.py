@@ -302,3 +302,19 @@ def test_only_rank_0_writes_tracker_files(tmp_path):
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard" / "epochs")
     assert scalars["epoch/train_loss"] == [(0, 1.5)]  # rank 0's figure, once
     assert len(os.listdir(tmp_path / "run" / "tensorboard" / "epochs")) == 1
+
+
+def test_a_tracker_package_that_is_installed_but_broken_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    """An installed package that fails to import (W&B with a protobuf it does not fit, say) passes
+    the check before the run (the package is found, not imported: that costs a second) and is then
+    refused in one line when the tracker opens: exit 2, no epoch trained (the folder starts over)."""
+    fake = tmp_path / "site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"cannot import name 'builder' from 'google.protobuf'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb")  # this test's wandb, not the one imported above
+    out = tmp_path / "run"
+    code, _, stderr = run(["--out", out, "--epochs", "1", "--log", "wandb", *TINY], capsys)
+    line = one_line(stderr)
+    assert code == 2 and "--log wandb: the wandb package is installed but does not import" in line
+    assert "google.protobuf" in line and not (out / "metrics.csv").exists()

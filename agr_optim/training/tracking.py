@@ -136,8 +136,7 @@ class TensorBoardTracker(Tracker):
 
     @classmethod
     def open(cls, cfg: TrainConfig, *, epochs_done: int, steps_per_epoch: int, resume: bool) -> TensorBoardTracker:
-        from torch.utils.tensorboard import SummaryWriter
-
+        SummaryWriter = _imported(cls, "torch.utils.tensorboard").SummaryWriter
         writers = []
         try:
             for sub, purge in (("epochs", epochs_done), ("steps", epochs_done * steps_per_epoch)):
@@ -183,8 +182,7 @@ class WandbTracker(Tracker):
 
     @classmethod
     def open(cls, cfg: TrainConfig, *, epochs_done: int, steps_per_epoch: int, resume: bool) -> WandbTracker:
-        import wandb
-
+        wandb = _imported(cls, "wandb")
         run_id = _recorded_id(cfg.out) if resume else None
         if run_id is None:  # a new run, or a run started over: a new W&B run
             run_id = secrets.token_hex(6)
@@ -243,6 +241,17 @@ def _refused(name: str, why: str) -> Exception:
     from .config import ConfigError
 
     return ConfigError(f"--log {name}: {why}; nothing was trained: fix it and run the same command again")
+
+
+def _imported(tracker: type[Tracker], module: str) -> Any:
+    """``module``, imported when the tracker opens. Installed is not importable: a package whose
+    dependencies are broken (W&B's protobuf, say) is refused in one line, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # ImportError, or whatever the package's own imports raise
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _refused(tracker.name, f"the {tracker.package} package is installed but does not import ({why}): "
+                       f"reinstall it ({TRACKING_EXTRA}) or drop --log {tracker.name}") from None
 
 
 def missing_package(name: str) -> str | None:
