@@ -169,9 +169,10 @@ class AGROptimizer(Optimizer):
         super().__init__([torch.empty(0)], {})
         self._initializing = False
         del self._init_groups, self._init_state, self._init_defaults
-        self._clip_norm: float | None = clip_norm
+        # Plain Python (a numpy scalar would make the state dict unreadable with weights_only=True).
+        self._clip_norm: float | None = _plain_clip_norm(clip_norm)
         self._start_step = int(start_step)
-        self._granularity = granularity
+        self._granularity = str(granularity)
         self._fused = _fused_setting(fused)
         self._step_count = 0
         self._last_stats: ReconstructionStats | None = None
@@ -270,7 +271,7 @@ class AGROptimizer(Optimizer):
     @clip_norm.setter
     def clip_norm(self, value: float | None) -> None:
         validate_clip_norm(value)
-        self._agr()._clip_norm = value
+        self._agr()._clip_norm = _plain_clip_norm(value)
 
     @property
     def start_step(self) -> int:
@@ -289,7 +290,7 @@ class AGROptimizer(Optimizer):
 
     @granularity.setter
     def granularity(self, value: str) -> None:
-        self._agr()._granularity = validate_granularity(value, GRANULARITIES)
+        self._agr()._granularity = str(validate_granularity(value, GRANULARITIES))
 
     @property
     def fused(self) -> bool | str:
@@ -861,4 +862,9 @@ def _overlaps(t: Tensor) -> bool:
 def _fused_setting(fused: object) -> bool | str:
     """A named setting (``"compile"``, ``"device"``) stays as it is; anything else is read as a
     bool, as before."""
-    return fused if isinstance(fused, str) and fused in FUSED_SETTINGS else bool(fused)
+    return str(fused) if isinstance(fused, str) and fused in FUSED_SETTINGS else bool(fused)
+
+
+def _plain_clip_norm(clip_norm: float | None) -> float | None:
+    """A validated ``clip_norm`` as a Python float (numpy's would not load with weights_only=True)."""
+    return None if clip_norm is None else float(clip_norm)

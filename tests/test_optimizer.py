@@ -330,6 +330,32 @@ def test_state_dict_holds_inner_state_and_wrapper_entry() -> None:
         assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
 
 
+@pytest.mark.parametrize("how", ["constructor", "setter"])
+def test_numpy_settings_save_a_checkpoint_that_weights_only_loads(how) -> None:
+    """Settings given as numpy scalars (a sweep's np.float32, a config read through numpy) are
+    kept as plain Python: the state dict loads with ``weights_only=True``, as documented."""
+    import numpy as np
+
+    settings = {"clip_norm": np.float32(0.25), "start_step": np.int64(3), "granularity": np.str_("group"),
+                "fused": np.str_("device")}
+    params = Net().groups()
+    if how == "constructor":
+        opt = AGROptimizer(OPTIMIZERS["SGD"](params), **settings)
+    else:
+        opt = AGROptimizer(OPTIMIZERS["SGD"](params))
+        for name, value in settings.items():
+            setattr(opt, name, value)
+        opt.step_count = np.int32(2)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = AGROptimizer(OPTIMIZERS["SGD"](Net().groups()))
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    expected = (float(np.float32(0.25)), 3, "group", "device")
+    assert (fresh.clip_norm, fresh.start_step, fresh.granularity, fresh.fused) == expected
+    assert [type(v) for v in (opt.clip_norm, opt.granularity, opt.fused)] == [float, str, str]
+
+
 def test_loading_a_plain_optimizer_state_dict() -> None:
     model = Net()
     plain = OPTIMIZERS["SGD"](model.groups())
