@@ -83,7 +83,10 @@ def _read_entry(entry: object, name: str) -> dict[str, Any]:
             raise ValueError(f"Invalid fused: {fused!r}; expected {FUSED_CHOICES}")
     except ValueError as error:
         raise ValueError(f"state_dict's {name} entry: {error}") from None
-    return {"step": step, "clip_norm": entry["clip_norm"], "start_step": start_step, "granularity": granularity,
+    # Plain Python again (a checkpoint written with numpy settings would pass them on to the next).
+    clip_norm = None if entry["clip_norm"] is None else float(entry["clip_norm"])
+    fused = str(fused) if isinstance(fused, str) else bool(fused)
+    return {"step": step, "clip_norm": clip_norm, "start_step": start_step, "granularity": str(granularity),
             "fused": fused}
 
 

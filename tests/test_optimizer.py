@@ -354,6 +354,15 @@ def test_numpy_settings_save_a_checkpoint_that_weights_only_loads(how) -> None:
     expected = (float(np.float32(0.25)), 3, "group", "device")
     assert (fresh.clip_norm, fresh.start_step, fresh.granularity, fresh.fused) == expected
     assert [type(v) for v in (opt.clip_norm, opt.granularity, opt.fused)] == [float, str, str]
+    # A checkpoint written with numpy settings (before this was fixed) passes none on when read.
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        group["agr"] = {**group["agr"], **settings}
+    fresh.load_state_dict(old)
+    buffer = io.BytesIO()
+    torch.save(fresh.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["param_groups"][0]["agr"]["clip_norm"] == expected[0]
 
 
 def test_loading_a_plain_optimizer_state_dict() -> None:
