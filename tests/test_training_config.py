@@ -4,6 +4,8 @@ nothing written)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from dataclasses import MISSING, fields
@@ -41,8 +43,9 @@ def test_defaults_are_the_quick_preset(tmp_path):
 
 
 def test_every_field_has_exactly_one_flag():
-    """One flag per TrainConfig field (--x-y for x_y; --x/--no-x for the switches), each with its
-    help and default, and no other flag but --resume."""
+    """One flag per TrainConfig field (--x-y for x_y; --x/--no-x for the switches; and the
+    field's aliases: --trackers for --log), each with its help and default, and no other flag but
+    --resume."""
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest != "help"]
     by_dest: dict[str, list] = {}
@@ -53,7 +56,8 @@ def test_every_field_has_exactly_one_flag():
         (action,) = by_dest[f.name]
         flag = "--" + f.name.replace("_", "-")
         switch = isinstance(f.default, bool)
-        assert action.option_strings == ([flag, "--no-" + flag[2:]] if switch else [flag]), f.name
+        aliases = list(f.metadata["aliases"])
+        assert action.option_strings == ([flag, "--no-" + flag[2:]] if switch else [flag]) + aliases, f.name
         assert action.help and (f.default is MISSING or "default: " in action.help), f.name
     help_text = " ".join(parser.format_help().split())
     assert "--epochs EPOCHS training epochs (default: 20; --preset paper, authors: 200)" in help_text
@@ -219,3 +223,27 @@ def test_empty_out_and_a_padding_the_data_cannot_take_are_refused(tmp_path, caps
     code, stdout, stderr = run(["--crop-padding", "8", "--out", tmp_path / "o"], capsys)
     assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "below the image side 8" in stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_every_setting_passes_through_torchruns_parser():
+    """torchrun parses the script's arguments too, with abbreviations allowed: a flag that prefixes
+    one of its options is refused there ('ambiguous option: --log could match --log-dir, ...') or
+    taken as its own. Every setting has a spelling torchrun hands to agr-train untouched, and it
+    reaches the same setting (--trackers for --log)."""
+    from torch.distributed.run import get_args_parser
+
+    launcher = get_args_parser()
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        passed = []
+        for option in action.option_strings:
+            argv = ["--standalone", "--nproc_per_node=2", "-m", "agr_optim.train", "--out", "o", option, "x"]
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
+                if launcher.parse_args(argv).training_script_args == argv[4:]:
+                    passed.append(option)
+        assert passed, f"no spelling of --{action.dest.replace('_', '-')} passes through torchrun"
+    argv = ["--standalone", "-m", "agr_optim.train", "--out", "o", "--trackers", "tensorboard", "--trackers", "wandb"]
+    script = launcher.parse_args(argv).training_script_args
+    assert resolve(parser.parse_flags(script))[0].log == ("tensorboard", "wandb")

@@ -123,11 +123,12 @@ def _setting(
     protocol: bool = False,
     shown: str | None = None,
     repeatable: bool = False,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A :class:`TrainConfig` field with its flag: ``parse`` the flag's type (``bool``: a switch,
     ``--X``/``--no-X``), ``protocol`` whether presets set it, ``shown`` the default in ``--help``
     when the value alone would not say it, ``repeatable`` a flag given several times adds up
-    (``parse`` gives a tuple)."""
+    (``parse`` gives a tuple), ``aliases`` other spellings of the flag."""
     metadata = {
         "help": help,
         "parse": parse,
@@ -135,6 +136,7 @@ def _setting(
         "protocol": protocol,
         "shown": shown,
         "repeatable": repeatable,
+        "aliases": aliases,
     }
     return field(default=default, metadata=metadata)
 
@@ -247,10 +249,14 @@ class TrainConfig:
     log: tuple[str, ...] = _setting(
         (),
         f"experiment trackers besides metrics.csv: {', '.join(TRACKERS)}, comma-separated or the flag repeated "
-        '(pip install "agr_optim[tracking]"; W&B: WANDB_MODE=offline without an account)',
+        '(pip install "agr_optim[tracking]"; W&B: WANDB_MODE=offline without an account; under torchrun write '
+        "--trackers: torchrun's own parser takes --log for an abbreviation of its --log-dir and stops)",
         parse=_names_flag,
         repeatable=True,
         shown="none",
+        # torchrun parses every argument with abbreviations allowed, also the script's: --log
+        # prefixes its --log-dir and --logs-specs ("ambiguous option"), --trackers nothing.
+        aliases=("--trackers",),
     )
     init_from: str | None = _setting(
         None,
@@ -600,15 +606,15 @@ def build_parser() -> SettingsParser:
         "Any flag overrides the preset; every value is printed and saved in config.json. Epochs are 0-based.",
     )
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
         default = None if f.default is MISSING else f.default
         parse = f.metadata["parse"]
         if parse is bool:
-            action = p.add_argument(flag, action=_Switch, default=default)
+            action = p.add_argument(*flags, action=_Switch, default=default)
         elif f.metadata["repeatable"]:
-            action = p.add_argument(flag, action=_Repeated, type=parse, default=default)
+            action = p.add_argument(*flags, action=_Repeated, type=parse, default=default)
         else:
-            action = p.add_argument(flag, action=_Flag, type=parse, choices=f.metadata["choices"], default=default)
+            action = p.add_argument(*flags, action=_Flag, type=parse, choices=f.metadata["choices"], default=default)
         action.help = _help(f)
     p.add_argument(
         "--resume", action=_Flag, nargs=0, const=True, default=False,
