@@ -25,6 +25,7 @@ from _training import (
     assert_same,
     cli_args,
     comparable,
+    one_line,
     read_metrics,
     run,
     tree,
@@ -299,3 +300,20 @@ def test_autoattack_at_the_end(cifar10, tmp_path, capsys):
     assert code == 0, stdout
     aa = json.loads((tmp_path / "o" / "summary.json").read_text())["autoattack"]
     assert aa["samples"] == 8 and 0 <= aa["robust_acc"] <= 1 and aa["checkpoint"].startswith("best")
+
+
+def test_resume_with_settings_this_machine_refuses_says_so(tmp_path, capsys, monkeypatch):
+    """A run whose config.json asks for what this machine lacks (here W&B, on a machine without the
+    package): --resume read the file fine, so the line says the settings are refused here and that
+    a resumed run keeps them (flags cannot change them), not that config.json is unreadable."""
+    out = tmp_path / "run"
+    out.mkdir()
+    settings = {**resolve({"out": str(out)})[0].to_json(), "log": ["wandb"], "world_size": 1}
+    (out / "config.json").write_text(json.dumps(settings))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    before = tree(tmp_path)
+    code, stdout, stderr = run(["--out", out, "--resume"], capsys)
+    assert code == 2 and stdout == "" and tree(tmp_path) == before
+    line = one_line(stderr)
+    assert "cannot read" not in line and f"the settings in '{out / 'config.json'}' are refused here" in line
+    assert "--log wandb needs the wandb package" in line and "keeps the settings it started with" in line

@@ -458,6 +458,11 @@ def _lead(argv: Sequence[str] | None, world: World) -> int:
                 validate(cfg)
             except FileNotFoundError:
                 parser.error(f"--resume: no {path!r}: the run never started; start it without --resume")
+            except ConfigError as error:  # read, but refused here (a package or a device this machine lacks)
+                parser.error(
+                    f"--resume: the settings in {path!r} are refused here: {error} (a resumed run keeps the "
+                    f"settings it started with: continue it where they hold)"
+                )
             except (OSError, ValueError, TypeError) as error:
                 parser.error(f"--resume: cannot read {path!r}: {error}")
             sources: dict[str, str] = {}
