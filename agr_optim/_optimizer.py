@@ -387,8 +387,11 @@ class AGROptimizer(Optimizer):
         referenced: drop the loss after the call); graphs that share nothing are freed by their
         own passes. Several calls before one :meth:`step`
         accumulate, like micro-batches (each loss already divided by their number, as for
-        ``loss.backward()``). Under ``GradScaler`` pass the scaled losses
-        (``scaler.scale(loss)``) and step with ``scaler.step(opt)``.
+        ``loss.backward()``); ``zero_grad()`` of this wrapper drops them (a loss function that calls
+        it inside should get the inner optimizer, :attr:`optimizer`). Under ``GradScaler`` pass the
+        scaled losses (``scaler.scale(loss)``) and step with ``scaler.step(opt)``. Both gradients
+        are stashed, so clipping ``.grad`` before :meth:`step` (``clip_grad_norm_``) finds none:
+        ``clip_norm`` is the clip.
 
         ``clean=None`` (the warm start without a clean pass) leaves the adversarial gradient in
         ``.grad`` for the step, as the single backward pass of the warm start does; it too is
@@ -416,7 +419,10 @@ class AGROptimizer(Optimizer):
             if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
                 got = (type(loss).__name__ if not isinstance(loss, Tensor)
                        else f"shape {tuple(loss.shape)}, requires_grad={loss.requires_grad}")
-                raise ValueError(f"backward(): {name} must be a scalar loss tensor that requires grad (got {got})")
+                raise ValueError(
+                    f"backward(): {name} must be a scalar loss tensor that requires grad (got {got}); pass the "
+                    "loss reduced to one element, computed with gradients enabled (not under torch.no_grad())"
+                )
         agr._stash.refuse_if_interrupted("backward()")
         if clean is not None and agr._stash.passes.get("clean", 0) != agr._stash.passes.get("adversarial", 0):
             raise RuntimeError(

@@ -368,3 +368,26 @@ def test_backward_refuses_a_sparse_gradient_before_changing_anything():
     with pytest.raises(ValueError, match=r"parameter 0 \(shape \(5, 3\)\) has a sparse gradient"):
         opt.backward(clean=embedding(index).sum(), adversarial=embedding(index).pow(2).sum())
     assert embedding.weight.grad is None and not opt.has_stash
+
+
+def test_a_loss_function_given_the_inner_optimizer_keeps_the_accumulated_calls():
+    """The tutorial's porting loop under accumulation: the loss function's zero_grad() on
+    ``opt.optimizer`` clears ``.grad`` only, so every call's gradients reach the step."""
+    model, opt = _setup(True)
+    twin, twin_opt = _setup(True)
+    micro = _batches(2)
+    twin_opt.zero_grad()
+    for batch in micro:
+        loss_c, loss_a = _trades_losses(twin, *batch)
+        (loss_c / 2).backward(retain_graph=True)
+        twin_opt.stash_clean()
+        (loss_a / 2).backward()
+        twin_opt.stash_adversarial()
+    twin_opt.step()
+    for batch in micro:
+        opt.optimizer.zero_grad()  # inside the reference loss function
+        loss_c, loss_a = _trades_losses(model, *batch)
+        opt.backward(clean=loss_c / 2, adversarial=loss_a / 2)
+    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
