@@ -380,7 +380,9 @@ class AGROptimizer(Optimizer):
 
         ``.grad`` is neither read nor left holding anything: whatever the training code did to it
         before (a loss function that calls ``zero_grad()`` or ``backward()`` inside) does not
-        enter either gradient, and it is ``None`` afterwards, until :meth:`step` sets the update.
+        enter either gradient, and it is ``None`` afterwards, until :meth:`step` sets the update
+        (tensors outside the optimizer, such as another optimizer's parameters, get both passes added
+        in their ``.grad``, as from two ``backward()`` calls).
         The two losses may share a forward pass (TRADES and MART take the clean logits into the
         adversarial objective): the clean pass then keeps its graph for the second pass, with no
         ``retain_graph`` to pass (the clean graph's own part lives on as long as ``clean`` is

@@ -391,3 +391,18 @@ def test_a_loss_function_given_the_inner_optimizer_keeps_the_accumulated_calls()
     opt.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_tensors_outside_the_optimizer_get_both_passes_in_grad():
+    """As from ``loss_c.backward(); loss_a.backward()``: a layer another optimizer trains keeps
+    the sum of both gradients, computed here by autograd.grad."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = AGROptimizer(torch.optim.SGD(model[2].parameters(), lr=0.1))
+    loss_c, loss_a = _trades_losses(model, *_batches(1)[0])
+    outside = list(model[0].parameters())
+    expected = [c + a for c, a in zip(torch.autograd.grad(loss_c, outside, retain_graph=True),
+                                      torch.autograd.grad(loss_a, outside, retain_graph=True), strict=True)]
+    opt.backward(clean=loss_c, adversarial=loss_a)
+    for p, g in zip(outside, expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert all(p.grad is None for p in model[2].parameters()) and opt.has_stash
