@@ -284,3 +284,38 @@ def test_init_from_reaches_every_process(tmp_path, capsys):
     done = torchrun(tmp_path / "tuned", *short, "--init-from", str(start))
     assert done.returncode == 0, done.stdout + done.stderr
     assert sum(line.startswith("epoch ") for line in done.stdout.splitlines()) == 1
+
+
+RANK_1_LACKS_THE_DATA = """
+import os, sys
+from agr_optim.data import DatasetError
+from agr_optim.training import cli
+
+if os.environ["RANK"] == "1":  # this process's host lacks the data
+    def missing(cfg):
+        raise DatasetError("digits: scikit-learn is not installed on this host")
+    cli.load_data = missing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_data_another_process_lacks_is_refused_before_anything_is_written(tmp_path):
+    """A process other than rank 0 cannot load the data: rank 0 says so in one line naming the
+    process and host, every process exits 2, and rank 0 has written nothing (no config.json, no
+    tracker files: it waits for every process's data before its first write)."""
+    script = tmp_path / "lacks.py"
+    script.write_text(RANK_1_LACKS_THE_DATA)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         "--out", str(out), *PROTOCOL.flags(), "--trackers", "tensorboard"],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
+    assert len(errors) == 1 and errors[0].startswith("agr-train: error: process 1 of 2 (host "), done.stderr
+    assert "scikit-learn is not installed on this host" in errors[0]
+    assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr
+    assert not out.exists()

@@ -283,10 +283,12 @@ def _run(
             data = _load(cfg, world)
             # --init-from only for a run without a checkpoint yet: resuming reads the run's own.
             init = checkpoint_io.read_init(cfg, data) if state is None and cfg.init_from else None
+            world.ready()  # every process has its data, before anything is written
         else:
             _fresh_folder(out)
             data = _load(cfg, world)
             init = checkpoint_io.read_init(cfg, data) if cfg.init_from else None
+            world.ready()  # every process has its data, before anything is written
             os.makedirs(out, exist_ok=True)
             note = held.enter_context(run_folder.lock_folder(out))
             started_over = _fresh_folder(out)  # again, holding the lock
@@ -428,9 +430,11 @@ def _follow_run(world: ProcessWorld) -> None:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        trainer = Trainer(cfg, _load(cfg, world), world)
-    except ConfigError as error:  # rank 0 prints it, naming this process
+        data = _load(cfg, world)
+    except ConfigError as error:  # rank 0 prints it, naming this process, before it writes a file
         world.fail(EXIT_REFUSED, error)
+    world.ready()
+    trainer = Trainer(cfg, data, world)
     world.start(trainer)
     while trainer.epoch < cfg.epochs:
         trainer.train_epoch()

@@ -30,9 +30,9 @@ training on the global batch (``docs/distributed.rst`` says it for users):
   ``r, r + N, ...`` and draws (and drops) the random starts of the others, so each block's start,
   and the counts, summed exactly, are one process's.
 - **The run folder.** Rank 0 alone reads and writes it and prints; the others meet it at a few
-  points (:meth:`ProcessWorld._meet`: the settings, the state to start from, each epoch's files
-  written), where a refusal or a failure on any process stops every process with one line from
-  rank 0.
+  points (:meth:`ProcessWorld._meet`: the settings, the data loaded (before rank 0 writes a file),
+  the state to start from, each epoch's files written), where a refusal or a failure on any process
+  stops every process with one line from rank 0.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ class World:
 
     def check_replicas(self, trainer: Trainer) -> None:
         """After an epoch: every process holds the same model, optimizer and learning rate."""
+
+    def ready(self) -> None:
+        """Every process has loaded its data (rank 0: before it writes its first file), or the run
+        stops on every process here."""
 
     def start(self, trainer: Trainer) -> None:
         """Before the first epoch: make ``trainer`` one replica of rank 0's."""
@@ -250,7 +254,7 @@ class ProcessWorld(World):
         self._go_on(self._meet())
         self._broadcast((cfg.to_json(), resume))
         self._use_device(cfg)
-        self.waiting = True  # the others load the data and build their trainer, then wait in start()
+        self.waiting = True  # the others load the data, then wait in ready()
 
     def receive_config(self) -> tuple[TrainConfig, bool]:
         """(Not rank 0) the run's settings from rank 0."""
@@ -259,6 +263,10 @@ class ProcessWorld(World):
         cfg = TrainConfig.from_json(settings)
         self._use_device(cfg)
         return cfg, resume
+
+    def ready(self) -> None:
+        self._go_on(self._meet())  # a process that could not load its data refuses the run here
+        self.waiting = True  # the others build their trainer, then wait in start()
 
     def fail(self, code: int, error: BaseException) -> NoReturn:
         """(Not rank 0) this process cannot go on: tell the others at the next meeting, then stop."""
