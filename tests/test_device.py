@@ -422,3 +422,21 @@ def test_a_gradient_that_carries_a_graph_is_stashed_in_rows(first):
     opt.step()
     for p, r in zip(params, want, strict=True):
         torch.testing.assert_close(p.grad.double(), torch.from_numpy(r), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cosine", [0.0, -0.6, -0.95])
+def test_a_float64_segment_next_to_float32_is_clipped_within_the_documented_allowance(cosine):
+    """docs/algorithm.rst: the float32 allowance of the combine's rounding clips a projected
+    float64 segment up to 8 eps32 / sin^2 more than the float64 reference (8 eps32 was stated;
+    the allowance is relative to |a|, the clip to |r| = |a| sin), never longer."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(50, generator=g), torch.randn(50, dtype=torch.float64, generator=g)]
+    noise = [torch.randn(50, generator=g), torch.randn(50, dtype=torch.float64, generator=g)]
+    c = [cosine * x + math.sqrt(1 - cosine**2) * y for x, y in zip(a, noise, strict=True)]
+    want, refs = reference_agr(a, c, clip_norm=0.5, segments=[0, 1])
+    (_, got) = functional.reconstruct(a, c, clip_norm=0.5, fused="device")
+    want_norm = float((want[1] ** 2).sum() ** 0.5)
+    sin2 = 1 - refs[1].cosine ** 2
+    error = (got - torch.from_numpy(want[1])).norm().item() / want_norm
+    assert error <= 1.01 * 8 * torch.finfo(torch.float32).eps / sin2
+    assert got.norm().item() <= want_norm * (1 + 1e-12)
