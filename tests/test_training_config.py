@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +249,37 @@ def test_every_setting_passes_through_torchruns_parser():
     argv = ["--standalone", "-m", "agr_optim.train", "--out", "o", "--trackers", "tensorboard", "--trackers", "wandb"]
     script = launcher.parse_args(argv).training_script_args
     assert resolve(parser.parse_flags(script))[0].log == ("tensorboard", "wandb")
+
+
+def _autoattack_run(tmp_path: Path, capsys, classes: int) -> tuple:
+    """agr-train with AutoAttack on an .npz of ``classes`` classes -> (exit code, stdout, stderr, out)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"c{classes}.npz"
+    np.savez(path, x_train=rng.random((16, 8, 8, 1)), y_train=np.arange(16) % classes,
+             x_test=rng.random((8, 8, 8, 1)), y_test=np.arange(8) % classes)
+    out = tmp_path / f"run{classes}"
+    argv = ["--out", out, "--dataset", "npz", "--data-dir", path, "--epochs", "1", "--batch-size", "8",
+            "--attack-steps", "1", "--eval-steps", "1", "--crop-padding", "0", "--autoattack-samples", "8"]
+    return (*run(argv, capsys), out)
+
+
+def test_autoattack_on_fewer_than_four_classes_is_refused_before_training(tmp_path, capsys):
+    """AutoAttack's targeted APGD-T reads the fourth-largest logit: on 2 or 3 classes torchattacks
+    raised an IndexError after the whole training (and again on every --resume). Refused with the
+    data loaded, before anything is written."""
+    pytest.importorskip("torchattacks")
+    code, stdout, stderr, out = _autoattack_run(tmp_path, capsys, 3)
+    assert code == 2 and stdout == "" and not out.exists()
+    assert "--autoattack-samples 8: AutoAttack (its targeted APGD-T) needs at least 4 classes" in stderr
+    assert stderr.count("\n") == 1 and "has 3; pass --autoattack-samples 0" in stderr
+
+
+@pytest.mark.slow
+def test_autoattack_on_four_classes_runs(tmp_path, capsys):
+    """The bound is AutoAttack's: 4 classes run to the end."""
+    pytest.importorskip("torchattacks")
+    code, _, stderr, out = _autoattack_run(tmp_path, capsys, 4)
+    assert code == 0, stderr
+    assert json.loads((out / "summary.json").read_text())["autoattack"]["samples"] == 8

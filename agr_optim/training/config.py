@@ -506,12 +506,22 @@ def validate(cfg: TrainConfig) -> None:
             ) from None
 
 
+#: The fewest classes AutoAttack's standard version takes: APGD-T's targeted DLR loss reads the
+#: fourth-largest logit (torchattacks raised an IndexError after the whole training otherwise).
+AUTOATTACK_MIN_CLASSES = 4
+
+
 def validate_data(cfg: TrainConfig, data: Any) -> None:
     """The checks that need the loaded data (an :class:`agr_optim.data.Dataset`): a crop padding
-    below the loaded image side (an ``.npz`` has no fixed side)."""
+    below the loaded image side (an ``.npz`` has no fixed side), enough classes for AutoAttack."""
     if cfg.crop_padding >= data.image_size:
         raise ConfigError(
             f"--crop-padding must be below the image side {data.image_size} of {data.name}, got {cfg.crop_padding}"
+        )
+    if cfg.autoattack_samples > 0 and data.num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ConfigError(
+            f"--autoattack-samples {cfg.autoattack_samples}: AutoAttack (its targeted APGD-T) needs at least "
+            f"{AUTOATTACK_MIN_CLASSES} classes and {data.name} has {data.num_classes}; pass --autoattack-samples 0"
         )
 
 
