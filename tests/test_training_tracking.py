@@ -318,3 +318,36 @@ def test_a_tracker_package_that_is_installed_but_broken_refuses_in_one_line(tmp_
     line = one_line(stderr)
     assert code == 2 and "--log wandb: the wandb package is installed but does not import" in line
     assert "google.protobuf" in line and not (out / "metrics.csv").exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
+def test_a_full_disk_under_tensorboard_stops_as_a_full_disk_and_resumes(tmp_path, capsys, monkeypatch, offline):
+    """The event files' writes fail (ENOSPC in TensorBoard's writer thread, raised at its next call)
+    in epoch 1: the run stops as on any full disk (exit status 4, one line naming the event folder
+    and what is saved), not with a traceback; resumed with space again, it ends with every epoch
+    in metrics.csv and in TensorBoard once."""
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    full = {"now": False}
+    write = record_writer.RecordWriter.write
+
+    def no_space(self, data):
+        if full["now"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+    out = tmp_path / "run"
+    argv = ["--out", out, "--epochs", "2", "--agr-start-epoch", "1", "--log", "tensorboard", *TINY]
+    cfg, _ = resolve(build_parser().parse_flags([str(a) for a in argv]))
+    with pytest.raises(cli.RunStopped) as stop:
+        cli.train(cfg, log=lambda line: None, on_epoch=lambda trainer, row: full.update(now=True))
+    assert stop.value.code == cli.EXIT_WRITE_FAILED
+    assert str(stop.value).startswith(f"no space left on device while writing {out / 'tensorboard'}")
+    assert "epoch 0 is saved" in str(stop.value) and len(read_metrics(out)) == 1
+    full["now"] = False
+    code, stdout, stderr = run(["--out", out, "--resume"], capsys)
+    assert code == 0, stdout + stderr
+    assert_tensorboard_holds(out, epochs=2)

@@ -74,6 +74,7 @@ __all__ = [
     "lock_folder",
     "remove_stray_temporaries",
     "unwritable",
+    "write_error",
     "write_json",
     "write_text",
 ]
@@ -195,8 +196,9 @@ def remove_stray_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def _write_error(error: BaseException, path: str, cause: OSError | None = None) -> WriteError:
-    """``error`` (an ``OSError``, or torch's ``RuntimeError`` for a short write) as one line."""
+def write_error(error: BaseException, path: str, cause: OSError | None = None) -> WriteError:
+    """``error`` (an ``OSError``, or torch's ``RuntimeError`` for a short write) as one line (also
+    for what a tracker's own writer reports: :mod:`~agr_optim.training.tracking`)."""
     if cause is None and isinstance(error, OSError):
         cause = error
     if cause is not None and cause.errno in _NO_SPACE:
@@ -259,7 +261,7 @@ def _write_temporary(path: str, fill: Callable[[str], object]) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, WriteError):
-            raise _write_error(error, path, getattr(error, "agr_cause", None)) from error
+            raise write_error(error, path, getattr(error, "agr_cause", None)) from error
         raise
     return tmp
 
@@ -273,7 +275,7 @@ def _commit(tmp: str, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(error, OSError):
-            raise _write_error(error, path) from error
+            raise write_error(error, path) from error
         raise
 
 
@@ -377,7 +379,7 @@ def lock_folder(folder: str) -> Iterator[str | None]:
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise RunFolderError(f"{path} is a symbolic link: remove it (the lock is a plain file)") from None
-        raise _write_error(error, path) from error
+        raise write_error(error, path) from error
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RunFolderError(f"{path} is not a regular file: remove it (the lock is a plain file)")
@@ -398,7 +400,7 @@ def lock_folder(folder: str) -> Iterator[str | None]:
             os.ftruncate(fd, 0)
             os.pwrite(fd, info.encode() + b"\n", 0)
         except OSError as error:
-            raise _write_error(error, path) from error
+            raise write_error(error, path) from error
         yield note
     finally:
         os.close(fd)  # drops the lock
@@ -587,6 +589,6 @@ class Checkpoints:
             os.link(src, tmp)
         except OSError as error:
             if error.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.ENOSYS):
-                raise _write_error(error, path) from error
+                raise write_error(error, path) from error
             tmp = _write_temporary(path, lambda t: shutil.copyfile(src, t))  # FAT, some network shares
         _commit(tmp, path)

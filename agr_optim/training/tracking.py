@@ -38,6 +38,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -134,6 +135,16 @@ class TensorBoardTracker(Tracker):
     def __init__(self, epochs: Any, steps: Any) -> None:
         self.epochs, self.steps = epochs, steps
 
+    @contextlib.contextmanager
+    def _writing(self, writer: Any) -> Iterator[None]:
+        """A failed write of the event files (TensorBoard's writer thread raises it at the next
+        call: a full disk) as the run's :class:`~agr_optim.training.run_folder.WriteError`: one
+        line, exit status 4, the folder resumes."""
+        try:
+            yield
+        except OSError as error:
+            raise run_folder.write_error(error, writer.get_logdir()) from error
+
     @classmethod
     def open(cls, cfg: TrainConfig, *, epochs_done: int, steps_per_epoch: int, resume: bool) -> TensorBoardTracker:
         SummaryWriter = _imported(cls, "torch.utils.tensorboard").SummaryWriter
@@ -153,19 +164,24 @@ class TensorBoardTracker(Tracker):
         return cls(*writers)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
-        for key, value in _numbers(row, skip=("epoch",)).items():
-            self.epochs.add_scalar(f"epoch/{key}", value, row["epoch"])
-        # On disk before the checkpoint is written (a kill then loses nothing of this epoch).
-        self.epochs.flush()
-        self.steps.flush()
+        with self._writing(self.epochs):
+            for key, value in _numbers(row, skip=("epoch",)).items():
+                self.epochs.add_scalar(f"epoch/{key}", value, row["epoch"])
+            # On disk before the checkpoint is written (a kill then loses nothing of this epoch).
+            self.epochs.flush()
+        with self._writing(self.steps):
+            self.steps.flush()
 
     def log_running(self, values: dict[str, float], step: int) -> None:
-        for key, value in values.items():
-            self.steps.add_scalar(f"running/{key}", value, step)
+        with self._writing(self.steps):
+            for key, value in values.items():
+                self.steps.add_scalar(f"running/{key}", value, step)
 
     def close(self, failed: bool = False) -> None:
-        self.epochs.close()
-        self.steps.close()
+        with self._writing(self.epochs):
+            self.epochs.close()
+        with self._writing(self.steps):
+            self.steps.close()
 
 
 # ---------------------------------------------------------------------- Weights & Biases
@@ -293,6 +309,8 @@ class Tracking:
     def close(self, failed: bool = False) -> None:
         with contextlib.ExitStack() as closing:  # every one closed, also when one fails
             for tracker in self.trackers:
+                if failed:  # the run stops for its own reason: a tracker that cannot close must not hide it
+                    closing.enter_context(contextlib.suppress(Exception))
                 closing.callback(tracker.close, failed)
 
     def __enter__(self) -> Tracking:
