@@ -319,3 +319,26 @@ def test_data_another_process_lacks_is_refused_before_anything_is_written(tmp_pa
     assert "scikit-learn is not installed on this host" in errors[0]
     assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_authors_step_that_ddp_cannot_reduce_is_refused(tmp_path):
+    """The authors' MART, AWP and AVmixup steps with AGR take both backward passes after all their
+    forward passes; DDP all-reduces only the first backward after a forward, so the processes
+    trained apart (the replica check stopped the run after epoch 0, 'a bug'). Refused by rank 0 in
+    one line before anything is written; their PGD-AT step (the recipes' order) runs."""
+    authors = ["--authors-step", "--warm-start-stats", "--agr-start-epoch", "0", "--epochs", "1"]
+    for method in ("mart", "awp", "avmixup"):
+        out = tmp_path / method
+        done = torchrun(out, *PROTOCOL.flags(), *authors, "--method", method)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
+        assert errors == [
+            f"agr-train: error: --authors-step with --method {method} and --agr under torchrun: the authors' step "
+            "takes the clean and the adversarial backward pass after all its forward passes, and "
+            "DistributedDataParallel all-reduces only the first; run it in one process, or drop --authors-step "
+            "(see --help)"
+        ], done.stderr
+        assert done.stderr.count("exitcode  : 2 ") == 2 and not out.exists(), done.stderr
+    done = torchrun(tmp_path / "at", *PROTOCOL.flags(), *authors, "--method", "at")
+    assert done.returncode == 0, done.stdout + done.stderr

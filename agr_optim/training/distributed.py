@@ -151,6 +151,11 @@ def join() -> World:
     return ProcessWorld()
 
 
+#: The methods whose authors' step (``--authors-step``) runs both AGR backward passes after all its
+#: forward passes (the recipes' ``_authors_update``); PGD-AT and TRADES take theirs as the recipes do.
+_BACKWARD_AFTER_FORWARDS = ("mart", "awp", "avmixup")
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the command's own way to stop: rank 0 says what is saved
 
@@ -320,6 +325,15 @@ class ProcessWorld(World):
 
     # ------------------------------------------------------------------ checks
     def _check(self, cfg: TrainConfig) -> None:
+        if cfg.authors_step and cfg.agr and cfg.method in _BACKWARD_AFTER_FORWARDS:
+            # Their AGR arm runs every forward pass, then both backward passes; DDP all-reduces
+            # only the first backward after a forward, so each process kept its own adversarial
+            # gradient and the replicas drifted apart (found by the replica check after epoch 0).
+            raise ConfigError(
+                f"--authors-step with --method {cfg.method} and --agr under torchrun: the authors' step takes "
+                "the clean and the adversarial backward pass after all its forward passes, and "
+                "DistributedDataParallel all-reduces only the first; run it in one process, or drop --authors-step"
+            )
         device = torch.device(cfg.device)
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"--device {cfg.device} under torchrun: use cuda (nccl) or cpu (gloo)")
