@@ -156,8 +156,10 @@ def on_rows(
 
 
 def result_rows(layout: Layout, rows: Sequence[Tensor]) -> list[Tensor]:
-    """``rows`` in their gradients' dtypes: float32 rows of bf16/fp16 gradients rounded once."""
-    return [row if row.dtype == b.dtype else row.to(b.dtype) for b, row in zip(layout.buckets, rows, strict=True)]
+    """``rows`` in their gradients' dtypes: float32 rows of bf16/fp16 gradients rounded once (into
+    normal tensors even under ``inference_mode``, as :meth:`~agr_optim._flat.Bucket.new_row`)."""
+    with torch.inference_mode(False):
+        return [row if row.dtype == b.dtype else row.to(b.dtype) for b, row in zip(layout.buckets, rows, strict=True)]
 
 
 def _tensor_sums(adversarial: Sequence[Tensor], clean: Sequence[Tensor | None], acc: torch.dtype) -> Tensor:

@@ -118,8 +118,11 @@ class Bucket:
         return range(start, start + math.ceil(self.numels[position] / self.chunk))
 
     def new_row(self) -> Tensor:
-        """An uninitialised row (no kernel): :meth:`Layout.gather` fills it, padding included."""
-        return torch.empty(self.length, dtype=self.row_dtype, device=self.device)
+        """An uninitialised row (no kernel): :meth:`Layout.gather` fills it, padding included. A
+        normal tensor even under ``inference_mode``: its views become ``.grad``, which the next
+        backward pass or ``zero_grad(set_to_none=False)`` writes in place."""
+        with torch.inference_mode(False):
+            return torch.empty(self.length, dtype=self.row_dtype, device=self.device)
 
     def views(self, row: Tensor) -> list[Tensor]:
         """Each member's region of ``row``, shaped and strided like its gradient."""

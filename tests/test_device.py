@@ -440,3 +440,32 @@ def test_a_float64_segment_next_to_float32_is_clipped_within_the_documented_allo
     error = (got - torch.from_numpy(want[1])).norm().item() / want_norm
     assert error <= 1.01 * 8 * torch.finfo(torch.float32).eps / sin2
     assert got.norm().item() <= want_norm * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_made_under_inference_mode_are_normal_tensors(dtype):
+    """``step()`` (or a stash) under ``torch.inference_mode()`` made rows of inference tensors: the
+    ``.grad`` views then refused the next ``zero_grad(set_to_none=False)`` or backward pass
+    ("Inplace update to inference tensor outside InferenceMode"), where a plain optimizer and the
+    CPU schedules go on. The second step's update is the float64 reference's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(dtype)
+    params = list(model.parameters())
+    opt = AGROptimizer(torch.optim.SGD(params, lr=0.0), clip_norm=None, fused="device")
+    x = torch.randn(5, 4, dtype=dtype)
+    losses = {"clean": lambda: model(x).float().square().sum(),
+              "adversarial": lambda: model(x + 0.3).float().sin().sum()}
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)
+        losses["adversarial"]().backward()
+        with torch.inference_mode():
+            opt.stash_adversarial()
+        losses["clean"]().backward()
+        grads = {kind: torch.autograd.grad(loss(), params) for kind, loss in losses.items()}
+        with torch.inference_mode():
+            opt.step()
+    want, _ = reference_agr(grads["adversarial"], grads["clean"], clip_norm=None, segments=range(len(params)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for p, r in zip(params, want, strict=True):
+        assert not p.grad.is_inference()
+        torch.testing.assert_close(p.grad.double(), torch.from_numpy(r), rtol=tol, atol=tol)
