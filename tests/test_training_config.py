@@ -286,3 +286,32 @@ def test_autoattack_on_four_classes_runs(tmp_path, capsys):
     code, _, stderr, out = _autoattack_run(tmp_path, capsys, 4)
     assert code == 0, stderr
     assert json.loads((out / "summary.json").read_text())["autoattack"]["samples"] == 8
+
+
+def test_a_batch_of_one_image_the_model_cannot_train_on_is_refused(tmp_path, capsys):
+    """PreActResNet-18 reaches its last BatchNorm with 1x1 maps on images up to 8x8, and BatchNorm
+    cannot train on one value per channel: a batch (or under torchrun a process's part of one) of
+    one image crashed the run at its epoch's last step with a traceback. Refused before anything
+    is written; the small CNN (BatchNorm on larger maps) trains on it."""
+    import numpy as np
+
+    from agr_optim.training import load_data
+    from agr_optim.training.config import validate_data
+
+    path = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((3, 8, 8, 1)), y_train=np.array([0, 1, 0]), x_test=rng.random((4, 8, 8, 1)),
+             y_test=np.array([0, 1, 0, 1]))
+    argv = ["--dataset", "npz", "--data-dir", path, "--batch-size", "2", "--epochs", "1", "--crop-padding", "0",
+            "--attack-steps", "1", "--eval-steps", "1"]
+    code, stdout, stderr = run([*argv, "--model", "preactresnet18", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1 and not (tmp_path / "o").exists(), stderr
+    assert "--batch-size 2: the last batch (3 images mod 2) leaves one image, and --model preactresnet18" in stderr
+    assert "on 8x8 images cannot train on one" in stderr
+    assert run([*argv, "--model", "smallcnn", "--out", tmp_path / "small"], capsys)[0] == 0
+    # Under torchrun: digits' last batch of 1347 mod 64 = 3 images gives one process 1 of them.
+    cfg, _ = resolve({"out": str(tmp_path / "x"), "model": "preactresnet18"})
+    data = load_data(cfg)
+    validate_data(cfg, data)  # one process: 3 images
+    with pytest.raises(ConfigError, match="leaves one image in one of the 2 processes"):
+        validate_data(cfg, data, 2)

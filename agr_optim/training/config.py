@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import torch
 
 from ..data import DATASETS, MAX_CLASSES, MIN_IMAGE_SIDE
-from ..models import MODELS
+from ..models import MODELS, build_model
 from .tracking import TRACKERS, missing_package
 
 __all__ = [
@@ -511,9 +511,38 @@ def validate(cfg: TrainConfig) -> None:
 AUTOATTACK_MIN_CLASSES = 4
 
 
-def validate_data(cfg: TrainConfig, data: Any) -> None:
+def _trains_on_one_image(cfg: TrainConfig, data: Any) -> bool:
+    """Whether ``cfg.model`` can take a training step on one image of ``data``: BatchNorm in train
+    mode needs more than one value per channel, and small images reach some models' last
+    BatchNorm as 1x1 maps (PreActResNet-18 at sides up to 8, WideResNet at 4). Tried on the meta
+    device: no memory, no compute, no random draw."""
+    with torch.device("meta"):
+        model = build_model(
+            cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size
+        ).train()
+        try:
+            model(torch.empty(1, data.in_channels, data.image_size, data.image_size))
+        except ValueError:  # torch's "Expected more than 1 value per channel when training"
+            return False
+    return True
+
+
+def validate_data(cfg: TrainConfig, data: Any, processes: int = 1) -> None:
     """The checks that need the loaded data (an :class:`agr_optim.data.Dataset`): a crop padding
-    below the loaded image side (an ``.npz`` has no fixed side), enough classes for AutoAttack."""
+    below the loaded image side (an ``.npz`` has no fixed side), enough classes for AutoAttack, and
+    no training batch whose smallest part (of ``processes`` under torchrun) is one image that the
+    model cannot train on (a traceback at the epoch's last step otherwise)."""
+    n = data.y_train.shape[0]
+    smallest = min(cfg.batch_size, n % cfg.batch_size or cfg.batch_size)
+    if smallest // processes == 1 and not _trains_on_one_image(cfg, data):  # tensor_split's smallest part
+        which = "a batch" if smallest == cfg.batch_size else f"the last batch ({n} images mod {cfg.batch_size})"
+        per = "" if processes == 1 else f" in one of the {processes} processes"
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size}: {which} leaves one image{per}, and --model {cfg.model} on "
+            f"{data.image_size}x{data.image_size} images cannot train on one (its BatchNorm then sees one value per "
+            "channel); choose a --batch-size that leaves every process at least 2 images of every batch, or a "
+            "larger --image-size"
+        )
     if cfg.crop_padding >= data.image_size:
         raise ConfigError(
             f"--crop-padding must be below the image side {data.image_size} of {data.name}, got {cfg.crop_padding}"
