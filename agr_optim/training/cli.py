@@ -118,7 +118,7 @@ def _load(cfg: TrainConfig, world: World = ONE) -> Any:
     except DatasetError as error:
         declared = "" if cfg.num_classes is None else f" --num-classes {cfg.num_classes}"
         raise ConfigError(f"--dataset {cfg.dataset} --data-dir {cfg.data_dir!r}{declared}: {error}") from None
-    validate_data(cfg, data, world.size)
+    validate_data(cfg, data, 1 if cfg.sync_bn else world.size)  # SyncBatchNorm counts the whole batch
     world.check_data(cfg, data.y_train.shape[0])
     return data
 
