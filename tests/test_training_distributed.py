@@ -235,6 +235,9 @@ def test_sync_bn_is_refused_off_cuda(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+# A script run from tmp_path imports agr_optim from sys.path, not from the current folder: this tree's.
+REPOSITORY = str(Path(__file__).resolve().parents[1])
+
 LOCKSTEP = """
 import torch
 from agr_optim.training import Trainer, load_data, resolve
@@ -266,7 +269,7 @@ def test_every_method_keeps_the_processes_in_lockstep(tmp_path):
     script.write_text(LOCKSTEP)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPOSITORY}, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("lockstep")] == [
         "trades", "mart", "awp", "avmixup"
@@ -312,7 +315,7 @@ def test_data_another_process_lacks_is_refused_before_anything_is_written(tmp_pa
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          "--out", str(out), *PROTOCOL.flags(), "--trackers", "tensorboard"],
         capture_output=True, text=True, timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPOSITORY},
     )
     errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
     assert len(errors) == 1 and errors[0].startswith("agr-train: error: process 1 of 2 (host "), done.stderr
