@@ -474,8 +474,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             candidates = [reference_rule(a, c, clip)]
             if self.device_floored(candidates[0][1]):
                 # The accelerator schedule counts the clean gradient as zero next to a norm below
-                # its range floor, and marks the segment out of range (docs/algorithm.rst):
-                # accumulated gradients that cancel reach there even from the drawn range.
+                # its range floor, and marks the segment out of range (docs/algorithm.rst); the
+                # thorough profile's sequences reach there (|c| of 3e-16 and 1e-24 next to |a| ~ 1).
                 r_zero, ref_zero = reference_rule(a, [None] * len(a), clip)
                 candidates.append((r_zero, dataclasses.replace(ref_zero, norm_c=candidates[0][1].norm_c)))
                 floored.append(candidates[-1][1])
