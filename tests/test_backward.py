@@ -69,6 +69,19 @@ def test_backward_equals_the_two_pass_protocol(fused, losses, order):
     assert opt.step_count == twin_opt.step_count == 3
 
 
+def _two_pass_step(model, opt, micro):
+    """The documented accumulation protocol, the reference for ``backward()``: both passes
+    stashed in every micro-batch (each loss over ``len(micro)``), then one step."""
+    opt.zero_grad()
+    for batch in micro:
+        loss_c, loss_a = _trades_losses(model, *batch)
+        (loss_c / len(micro)).backward(retain_graph=True)
+        opt.stash_clean()
+        (loss_a / len(micro)).backward()
+        opt.stash_adversarial()
+    opt.step()
+
+
 @FUSED
 def test_backward_calls_before_a_step_accumulate_like_micro_batches(fused):
     model, opt = _setup(fused)
@@ -76,14 +89,7 @@ def test_backward_calls_before_a_step_accumulate_like_micro_batches(fused):
     batches = _batches(4)
     for step in range(2):
         micro = batches[2 * step: 2 * step + 2]
-        twin_opt.zero_grad()
-        for batch in micro:  # the documented accumulation protocol: stash both in every micro-batch
-            loss_c, loss_a = _trades_losses(twin, *batch)
-            (loss_c / 2).backward(retain_graph=True)
-            twin_opt.stash_clean()
-            (loss_a / 2).backward()
-            twin_opt.stash_adversarial()
-        twin_opt.step()
+        _two_pass_step(twin, twin_opt, micro)
         opt.zero_grad()
         for batch in micro:
             loss_c, loss_a = _trades_losses(model, *batch)
@@ -376,14 +382,7 @@ def test_a_loss_function_given_the_inner_optimizer_keeps_the_accumulated_calls()
     model, opt = _setup(True)
     twin, twin_opt = _setup(True)
     micro = _batches(2)
-    twin_opt.zero_grad()
-    for batch in micro:
-        loss_c, loss_a = _trades_losses(twin, *batch)
-        (loss_c / 2).backward(retain_graph=True)
-        twin_opt.stash_clean()
-        (loss_a / 2).backward()
-        twin_opt.stash_adversarial()
-    twin_opt.step()
+    _two_pass_step(twin, twin_opt, micro)
     for batch in micro:
         opt.optimizer.zero_grad()  # inside the reference loss function
         loss_c, loss_a = _trades_losses(model, *batch)
