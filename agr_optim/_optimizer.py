@@ -393,7 +393,9 @@ class AGROptimizer(Optimizer):
         it inside should get the inner optimizer, :attr:`optimizer`). Under ``GradScaler`` pass the
         scaled losses (``scaler.scale(loss)``) and step with ``scaler.step(opt)``. Both gradients
         are stashed, so clipping ``.grad`` before :meth:`step` (``clip_grad_norm_``) finds none:
-        ``clip_norm`` is the clip.
+        ``clip_norm`` is the clip. Not under ``DistributedDataParallel``: DDP synchronises one
+        backward pass per forward, so the gradients of the pass after both forwards stay per
+        process; use the two-pass protocol there, each forward followed by its backward pass.
 
         ``clean=None`` (the warm start without a clean pass) leaves the adversarial gradient in
         ``.grad`` for the step, as the single backward pass of the warm start does; it too is
