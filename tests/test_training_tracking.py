@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -77,7 +78,16 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
 
 
 def offline_runs(out: Path) -> list[Path]:
+    """W&B's offline run folders under ``out``, oldest first: ``offline-run-<start second>-<run id>``,
+    and W&B appends ``-1``, ``-2``... when a run starting in the same second finds the name taken, so
+    the name order is the start order."""
     return sorted((out / "wandb").glob("offline-run-*"))
+
+
+def is_folder_of(run_dir: Path, run_id: str) -> bool:
+    """Whether ``run_dir`` is an offline folder of W&B run ``run_id`` (with or without the suffix W&B
+    adds when two attempts of the run start in the same second)."""
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", run_dir.name) is not None
 
 
 def csv_figures(out: Path) -> dict[int, dict[str, float]]:
@@ -121,7 +131,7 @@ def test_tensorboard_and_wandb_hold_every_figure_of_metrics_csv(tmp_path, capsys
 
     (run_dir,) = offline_runs(out)
     run_id = json.loads((out / "tracking.json").read_text())["wandb"]["id"]
-    assert run_dir.name.endswith(f"-{run_id}")
+    assert is_folder_of(run_dir, run_id)
     history = wandb_history(run_dir)
     for e, row in figures.items():
         logged = history[(e + 1) * STEPS - 1]  # an epoch's row at its last optimizer step
@@ -173,7 +183,7 @@ def test_resume_neither_repeats_nor_loses_an_epoch(tmp_path, capsys, offline, mo
 
     assert json.loads((out / "tracking.json").read_text())["wandb"]["id"] == run_id
     before, after = offline_runs(out)
-    assert before.name.endswith(run_id) and after.name.endswith(run_id)
+    assert is_folder_of(before, run_id) and is_folder_of(after, run_id)
     assert [r["run"]["run_id"] for r in wandb_records(after) if r["type"] == "run"] == [run_id]
     old, new = wandb_history(before), wandb_history(after)
     figures = csv_figures(out)
