@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,6 +66,56 @@ def validate_dtensors(adversarial: Sequence[Tensor], clean: Sequence[Tensor | No
                 f"placement mismatch at index {i}: adversarial {a.placements}, clean {c.placements}"  # type: ignore[attr-defined]
             )
     return True
+
+
+def replicas_may_reduce(params: Sequence[Tensor]) -> bool:
+    """Whether the gradients of ``params`` may be all-reduced behind the optimizer's back: plain
+    tensors (not FSDP2's DTensors) in a process group of more than one process, as under
+    ``DistributedDataParallel``, whose module the optimizer never sees."""
+    dist = torch.distributed
+    return (bool(params) and not is_dtensor(params[0]) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
+class GradientChangeProbe:
+    """Whether something changed a backward pass's gradients after autograd computed them.
+
+    ``DistributedDataParallel`` does: its hooks run after a parameter's gradient is accumulated
+    and write the average over the processes into ``.grad``, but only in the one backward pass
+    that follows each forward it prepared. A hook on the (up to ``count``) largest parameters
+    records each gradient's norm as autograd computes it; :meth:`changed` compares the norm of
+    what the pass left. Averaging gradients that differ between processes changes them (when
+    they are equal it changes nothing, and nothing can drift); norms equal by coincidence in
+    every probed parameter do not happen in practice. Use as a context manager around the pass.
+    """
+
+    def __init__(self, params: Sequence[Tensor], count: int = 4) -> None:
+        largest = sorted(range(len(params)), key=lambda i: -params[i].numel())
+        self._probed = [(i, params[i]) for i in largest if params[i].requires_grad][:count]
+        self._computed: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> GradientChangeProbe:
+        for i, p in self._probed:
+            self._handles.append(p.register_hook(lambda grad, i=i: self._record(i, grad)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record(self, i: int, grad: Tensor) -> None:
+        if grad.layout == torch.strided:  # sparse gradients are refused later, with their own message
+            self._computed[i] = torch.linalg.vector_norm(grad.detach())
+
+    def changed(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """A 0-dim bool tensor: whether a probed gradient in ``grads`` (what the pass left in
+        ``.grad``, indexed like the parameters) differs from what autograd computed."""
+        differs = [torch.linalg.vector_norm(grads[i].detach()) != norm  # type: ignore[union-attr]
+                   for i, norm in self._computed.items()
+                   if grads[i] is not None and grads[i].layout == torch.strided]  # type: ignore[union-attr]
+        return torch.stack(differs).any() if differs else torch.tensor(False)
 
 
 class MeshReduction:

@@ -22,7 +22,7 @@ from ._amp import (
 from ._checkpoint import SETTINGS, STATE_KEY, read_agr_state, strip_agr_state, validate_count
 from ._compiled import reconstruct_rows_compiled
 from ._device import reconstruct_rows, result_rows
-from ._distributed import is_dtensor, local_tensor
+from ._distributed import GradientChangeProbe, is_dtensor, local_tensor, replicas_may_reduce
 from ._flat import layout_for
 from ._gramian import LOW_PRECISION
 from ._stash import ACCUMULATION_RECIPE, KINDS, Stash
@@ -394,8 +394,11 @@ class AGROptimizer(Optimizer):
         scaled losses (``scaler.scale(loss)``) and step with ``scaler.step(opt)``. Both gradients
         are stashed, so clipping ``.grad`` before :meth:`step` (``clip_grad_norm_``) finds none:
         ``clip_norm`` is the clip. Not under ``DistributedDataParallel``: DDP synchronises one
-        backward pass per forward, so the gradients of the pass after both forwards stay per
-        process; use the two-pass protocol there, each forward followed by its backward pass.
+        backward pass per forward, so the gradients of the pass after both forwards would stay per
+        process; with more than one process the call checks (one host sync) that both passes were
+        averaged or neither, and raises, with nothing changed, when only one was. Use the two-pass
+        protocol there, each forward followed by its own backward pass. FSDP2 reduces every pass:
+        there it works.
 
         ``clean=None`` (the warm start without a clean pass) leaves the adversarial gradient in
         ``.grad`` for the step, as the single backward pass of the warm start does; it too is
@@ -445,8 +448,15 @@ class AGROptimizer(Optimizer):
                 adversarial_grads = _gradients_of(adversarial, "adversarial", params)
                 _refuse_unlike(adversarial_grads, params, earlier)
             else:
-                clean_grads = _gradients_of(clean, "clean", params, retain_graph=_shares_graph(clean, adversarial))
-                adversarial_grads = _gradients_of(adversarial, "adversarial", params)
+                probe = replicas_may_reduce(params)
+                with GradientChangeProbe(params if probe else []) as clean_probe:
+                    clean_grads = _gradients_of(clean, "clean", params,
+                                                retain_graph=_shares_graph(clean, adversarial))
+                with GradientChangeProbe(params if probe else []) as adversarial_probe:
+                    adversarial_grads = _gradients_of(adversarial, "adversarial", params)
+                if probe:
+                    _refuse_one_pass_reduced(clean_probe.changed(clean_grads),
+                                             adversarial_probe.changed(adversarial_grads))
                 for kind, grads in (("clean", clean_grads), ("adversarial", adversarial_grads)):
                     agr._stash.refuse_unfit(kind, params, grads)
         except BaseException:
@@ -840,6 +850,22 @@ def _gradients_of(loss: Tensor, name: str, params: list[Tensor], *, retain_graph
             "pass the loss of the model this optimizer trains. Nothing was changed"
         )
     return grads
+
+
+def _refuse_one_pass_reduced(clean_changed: Tensor, adversarial_changed: Tensor) -> None:
+    """Refuse two passes of which only one was averaged over the processes (``DistributedDataParallel``
+    synchronises one backward pass per forward: after both forwards, only the first pass). One
+    host sync, only with more than one process."""
+    if bool(clean_changed) == bool(adversarial_changed):
+        return
+    reduced, local = ("clean", "adversarial") if bool(clean_changed) else ("adversarial", "clean")
+    raise RuntimeError(
+        f"backward(): the {reduced} gradients were averaged over the processes after autograd computed them "
+        f"(DistributedDataParallel's all-reduce) and the {local} gradients were not: DDP synchronises one backward "
+        "pass per forward, and both forwards came before this call, so the replicas would drift apart. Under DDP "
+        "use the two-pass protocol, each forward followed by its own backward pass: model(x), loss.backward(), "
+        "opt.stash_clean(), model(x_adv), loss.backward(), opt.step(). Nothing was changed"
+    )
 
 
 def _refuse_unlike(grads: list[Tensor | None], params: list[Tensor], earlier: dict[Tensor, Tensor]) -> None:

@@ -117,6 +117,79 @@ def ddp_checks(rank: int, tmpdir: str) -> None:
     dcp_resume(rank, tmpdir, lambda: DDP(make_model()), "ddp")
 
 
+# --------------------------------------------------------------------------- opt.backward
+def train_with_backward(model: nn.Module, opt: AGROptimizer, batches, rank: int) -> None:
+    """As ``train``, with both forwards first and both passes in ``opt.backward`` (TRADES-style code)."""
+    lo, hi = rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD
+    for x, x_adv, y in batches:
+        x, x_adv, y = x[lo:hi], x_adv[lo:hi], y[lo:hi]
+        opt.zero_grad()
+        loss_c = F.mse_loss(model(x), y)
+        loss_a = F.mse_loss(model(x_adv), y)
+        opt.backward(clean=loss_c if opt.active else None, adversarial=loss_a)
+        opt.step()
+
+
+def backward_checks(rank: int, tmpdir: str) -> None:
+    """``opt.backward`` across processes: refused under DDP, where only one of its two passes is
+    all-reduced; equal to one process where each pass is averaged (FSDP2, or hooks that all-reduce
+    every accumulated gradient); the warm start's single pass under DDP as the two-pass protocol's."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = make_batches(3)
+    expected = reference_params(batches, "tensor")
+
+    def build(model: nn.Module, start_step: int = 0) -> AGROptimizer:
+        return AGROptimizer(torch.optim.SGD(groups_of(model), lr=LR, momentum=MOMENTUM), clip_norm=CLIP,
+                            granularity="tensor", start_step=start_step)
+
+    # DDP: refused on every rank, naming the fix, with nothing changed.
+    model = DDP(make_model())
+    opt = build(model)
+    x, x_adv, y = (t[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for t in batches[0])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)  # what the training code left: must be left as it was
+    params_before = [p.detach().clone() for p in model.parameters()]
+    loss_c, loss_a = F.mse_loss(model(x), y), F.mse_loss(model(x_adv), y)
+    try:
+        opt.backward(clean=loss_c, adversarial=loss_a)
+    except RuntimeError as error:
+        message = str(error)
+        assert "DistributedDataParallel" in message and "two-pass protocol" in message, message
+        assert "clean gradients were averaged" in message and "Nothing was changed" in message, message
+    else:
+        raise AssertionError(f"rank {rank}: opt.backward under DDP was accepted (its second pass is not all-reduced)")
+    assert not opt.has_stash and opt.step_count == 0
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert_close(model.parameters(), params_before, "DDP after a refused backward()", tol=0.0)
+    # The same model then trains with the two-pass protocol to the one-process result.
+    train(model, opt, batches, rank)
+    assert_close(model.parameters(), expected, "DDP two-pass protocol after a refused backward()")
+
+    # DDP warm start: one forward, one pass (backward(clean=None)) is all-reduced as loss.backward().
+    plain, with_backward = DDP(make_model()), DDP(make_model())
+    train(plain, build(plain, start_step=5), batches[:2], rank)
+    train_with_backward(with_backward, build(with_backward, start_step=5), batches[:2], rank)
+    assert_close(with_backward.parameters(), [full(p) for p in plain.parameters()], "DDP warm start via backward()")
+
+    # Every pass averaged (FSDP2's reduce-scatter; hooks all-reducing each accumulated gradient).
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(WORLD)
+
+    def averaged_by_hooks() -> nn.Module:
+        model = make_model()
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(average)
+        return model
+
+    for name, model in (("FSDP2", shard(make_model())), ("all-reduce hooks", averaged_by_hooks())):
+        opt = build(model)
+        train_with_backward(model, opt, batches, rank)
+        assert opt.step_count == len(batches)
+        assert_close(model.parameters(), expected, f"opt.backward under {name}")
+
+
 # --------------------------------------------------------------------------- FSDP2
 def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard

@@ -68,3 +68,11 @@ def test_fsdp2_equals_one_process_grad_scaler_bad_input_and_dcp(tmp_path):
     and loop; GradScaler on sharded gradients, an inf on one rank skips the step on both;
     a DTensor/plain mix is refused; DCP save/load resumes bit for bit."""
     spawn("fsdp_checks", tmp_path)
+
+
+def test_backward_refused_under_ddp_and_equal_to_one_process_where_every_pass_is_averaged(tmp_path):
+    """opt.backward after both forwards under DDP (only its first pass is all-reduced: the replicas
+    would drift) is refused on every rank with nothing changed, and the two-pass protocol then
+    trains to the one-process result; under FSDP2, or hooks that all-reduce every pass, it equals
+    one process; the warm start's single pass under DDP equals loss.backward()."""
+    spawn("backward_checks", tmp_path)
