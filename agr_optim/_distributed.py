@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -86,12 +86,16 @@ class GradientChangeProbe:
     records each gradient's norm as autograd computes it; :meth:`changed` compares the norm of
     what the pass left. Averaging gradients that differ between processes changes them (when
     they are equal it changes nothing, and nothing can drift); norms equal by coincidence in
-    every probed parameter do not happen in practice. Use as a context manager around the pass.
+    every probed parameter do not happen in practice. Only parameters the pass reaches are
+    probed (``reached``: their ``id``; all when ``None``): a probe on a parameter left unused
+    (DDP's ``find_unused_parameters``) records nothing and would hide the others. Use as a
+    context manager around the pass.
     """
 
-    def __init__(self, params: Sequence[Tensor], count: int = 4) -> None:
+    def __init__(self, params: Sequence[Tensor], count: int = 4, reached: Container[int] | None = None) -> None:
         largest = sorted(range(len(params)), key=lambda i: -params[i].numel())
-        self._probed = [(i, params[i]) for i in largest if params[i].requires_grad][:count]
+        self._probed = [(i, params[i]) for i in largest
+                        if params[i].requires_grad and (reached is None or id(params[i]) in reached)][:count]
         self._computed: dict[int, Tensor] = {}
         self._handles: list[Any] = []
 

@@ -449,10 +449,13 @@ class AGROptimizer(Optimizer):
                 _refuse_unlike(adversarial_grads, params, earlier)
             else:
                 probe = replicas_may_reduce(params)
-                with GradientChangeProbe(params if probe else []) as clean_probe:
+                clean_nodes, clean_leaves = _graph(clean)
+                adversarial_nodes, adversarial_leaves = _graph(adversarial)
+                # Each pass probes parameters it reaches: a probe on unused ones would see nothing.
+                with GradientChangeProbe(params if probe else [], reached=clean_leaves) as clean_probe:
                     clean_grads = _gradients_of(clean, "clean", params,
-                                                retain_graph=_shares_graph(clean, adversarial))
-                with GradientChangeProbe(params if probe else []) as adversarial_probe:
+                                                retain_graph=not clean_nodes.isdisjoint(adversarial_nodes))
+                with GradientChangeProbe(params if probe else [], reached=adversarial_leaves) as adversarial_probe:
                     adversarial_grads = _gradients_of(adversarial, "adversarial", params)
                 if probe:
                     _refuse_one_pass_reduced(clean_probe.changed(clean_grads),
@@ -820,21 +823,23 @@ class AGROptimizer(Optimizer):
 _FORWARDING_CODE = (AGROptimizer.param_groups.fget.__code__,)  # type: ignore[attr-defined]
 
 
-def _shares_graph(first: Tensor, second: Tensor) -> bool:
-    """Whether ``second``'s autograd graph uses a node of ``first``'s other than the parameters'
-    accumulators (a shared forward pass): then ``first``'s backward must keep its graph."""
-    def nodes(root: Tensor) -> set[object]:
-        seen: set[object] = set()
-        stack = [root.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
-                continue
-            seen.add(node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return seen
-
-    return not nodes(first).isdisjoint(nodes(second))
+def _graph(root: Tensor) -> tuple[set[object], set[int]]:
+    """The nodes of ``root``'s autograd graph other than the leaves' accumulators, and the ``id``
+    of each leaf it accumulates into. Two losses whose node sets meet share a forward pass: the
+    first one's backward must keep its graph."""
+    seen: set[object] = set()
+    leaves: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "AccumulateGrad":
+            leaves.add(id(node.variable))  # type: ignore[attr-defined]
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen, leaves
 
 
 def _gradients_of(loss: Tensor, name: str, params: list[Tensor], *, retain_graph: bool = False) -> list[Tensor | None]:

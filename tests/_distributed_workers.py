@@ -118,6 +118,19 @@ def ddp_checks(rank: int, tmpdir: str) -> None:
 
 
 # --------------------------------------------------------------------------- opt.backward
+class SideBranch(nn.Module):
+    """``make_model()`` with a side branch whose four tensors are the model's largest, used only
+    when ``used`` (per rank: data-dependent control flow)."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        self.body, self.used = make_model(), used
+        self.side = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + self.side(x) if self.used else x)
+
+
 def train_with_backward(model: nn.Module, opt: AGROptimizer, batches, rank: int) -> None:
     """As ``train``, with both forwards first and both passes in ``opt.backward`` (TRADES-style code)."""
     lo, hi = rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD
@@ -165,6 +178,20 @@ def backward_checks(rank: int, tmpdir: str) -> None:
     # The same model then trains with the two-pass protocol to the one-process result.
     train(model, opt, batches, rank)
     assert_close(model.parameters(), expected, "DDP two-pass protocol after a refused backward()")
+
+    # The largest parameters unused on rank 0 (find_unused_parameters): rank 0 probes the ones its
+    # passes reach, and refuses as rank 1 does (a probe on the unused ones saw nothing, accepted,
+    # and rank 0 drifted while rank 1 raised).
+    side = SideBranch(used=rank == 1)
+    model = DDP(side, find_unused_parameters=True)
+    opt = build(model)
+    try:
+        opt.backward(clean=F.mse_loss(model(x), y), adversarial=F.mse_loss(model(x_adv), y))
+    except RuntimeError as error:
+        assert "clean gradients were averaged" in str(error), str(error)
+    else:
+        raise AssertionError(f"rank {rank}: opt.backward under DDP with the largest parameters unused was accepted")
+    assert not opt.has_stash and opt.step_count == 0 and all(p.grad is None for p in side.parameters())
 
     # DDP warm start: one forward, one pass (backward(clean=None)) is all-reduced as loss.backward().
     plain, with_backward = DDP(make_model()), DDP(make_model())
