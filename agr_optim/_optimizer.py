@@ -861,15 +861,17 @@ def _refuse_one_pass_reduced(clean_changed: Tensor, adversarial_changed: Tensor)
     """Refuse two passes of which only one was averaged over the processes (``DistributedDataParallel``
     synchronises one backward pass per forward: after both forwards, only the first pass). One
     host sync, only with more than one process."""
-    if bool(clean_changed) == bool(adversarial_changed):
+    clean_was, adversarial_was = bool(clean_changed), bool(adversarial_changed)  # the first read waits for both
+    if clean_was == adversarial_was:
         return
-    reduced, local = ("clean", "adversarial") if bool(clean_changed) else ("adversarial", "clean")
+    reduced, local = ("clean", "adversarial") if clean_was else ("adversarial", "clean")
     raise RuntimeError(
         f"backward(): the {reduced} gradients were averaged over the processes after autograd computed them "
         f"(DistributedDataParallel's all-reduce) and the {local} gradients were not: DDP synchronises one backward "
         "pass per forward, and both forwards came before this call, so the replicas would drift apart. Under DDP "
         "use the two-pass protocol, each forward followed by its own backward pass: model(x), loss.backward(), "
-        "opt.stash_clean(), model(x_adv), loss.backward(), opt.step(). Nothing was changed"
+        "opt.stash_clean(), model(x_adv), loss.backward(), opt.step() (the recipes' steps: authors=False). "
+        "Nothing was changed"
     )
 
 
