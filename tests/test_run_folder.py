@@ -229,11 +229,24 @@ def _agr_train(*argv: str, **env: str) -> subprocess.Popen:
     )
 
 
+# agr-train whose first epoch never ends: it holds its folder (config.json written, no
+# checkpoint) until it is killed. A run that trains would write its first checkpoint within a
+# second, and a fresh start is then refused for that ("holds an agr-train run") before it
+# tries the lock: whether the test saw the lock's refusal was a race on a loaded machine.
+_STALLED_RUN = """
+import sys, time
+from agr_optim.training import cli, engine
+engine.Trainer.train_epoch = lambda self, progress=None: time.sleep(3600)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_a_second_process_is_refused_naming_the_holder(tmp_path, capsys):
     """Problem 3: while a run (a real process) holds the folder, a fresh start and a --resume in
     it are refused with one line naming its pid and host; killed, it leaves the lock free."""
     out = tmp_path / "run"
-    holder = _agr_train("--epochs", "500", "--attack-steps", "1", "--batch-size", "256", "--out", str(out))
+    holder = subprocess.Popen([sys.executable, "-c", _STALLED_RUN, *TINY, "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "config.json").exists():
