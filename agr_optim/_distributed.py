@@ -86,17 +86,19 @@ class GradientChangeProbe:
     records each gradient's norm as autograd computes it; :meth:`changed` compares the norm of
     what the pass left. Averaging gradients that differ between processes changes them (when
     they are equal it changes nothing, and nothing can drift); norms equal by coincidence in
-    every probed parameter do not happen in practice. Only parameters the pass reaches are
-    probed (``reached``: their ``id``; all when ``None``): a probe on a parameter left unused
-    (DDP's ``find_unused_parameters``) records nothing and would hide the others. Use as a
-    context manager around the pass.
+    every probed parameter do not happen in practice. The probes are the largest parameters and
+    the largest of those the pass's graph reaches (``reached``: their ``id``): a probe on a
+    parameter left unused (DDP's ``find_unused_parameters``) records nothing, and parameters
+    inside a reentrant checkpoint are missing from the graph though the pass reaches them. Use
+    as a context manager around the pass.
     """
 
-    def __init__(self, params: Sequence[Tensor], count: int = 4, reached: Container[int] | None = None) -> None:
-        largest = sorted(range(len(params)), key=lambda i: -params[i].numel())
-        self._probed = [(i, params[i]) for i in largest
-                        if params[i].requires_grad and (reached is None or id(params[i]) in reached)][:count]
+    def __init__(self, params: Sequence[Tensor], count: int = 4, reached: Container[int] = ()) -> None:
+        largest = [i for i in sorted(range(len(params)), key=lambda i: -params[i].numel()) if params[i].requires_grad]
+        chosen = largest[:count] + [i for i in largest if id(params[i]) in reached][:count]
+        self._probed = [(i, params[i]) for i in dict.fromkeys(chosen)]
         self._computed: dict[int, Tensor] = {}
+        self._several: set[int] = set()  # accumulated in parts (reentrant checkpoints): not comparable
         self._handles: list[Any] = []
 
     def __enter__(self) -> GradientChangeProbe:
@@ -110,7 +112,9 @@ class GradientChangeProbe:
         self._handles.clear()
 
     def _record(self, i: int, grad: Tensor) -> None:
-        if grad.layout == torch.strided:  # sparse gradients are refused later, with their own message
+        if i in self._computed:  # a second part: .grad will hold the sum, whose norm no part's is
+            self._several.add(i)
+        elif grad.layout == torch.strided:  # sparse gradients are refused later, with their own message
             self._computed[i] = torch.linalg.vector_norm(grad.detach())
 
     def changed(self, grads: Sequence[Tensor | None]) -> Tensor:
@@ -118,7 +122,7 @@ class GradientChangeProbe:
         ``.grad``, indexed like the parameters) differs from what autograd computed."""
         differs = [torch.linalg.vector_norm(grads[i].detach()) != norm  # type: ignore[union-attr]
                    for i, norm in self._computed.items()
-                   if grads[i] is not None and grads[i].layout == torch.strided]  # type: ignore[union-attr]
+                   if i not in self._several and grads[i] is not None and grads[i].layout == torch.strided]  # type: ignore[union-attr]
         return torch.stack(differs).any() if differs else torch.tensor(False)
 
 

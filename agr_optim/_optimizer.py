@@ -451,7 +451,7 @@ class AGROptimizer(Optimizer):
                 probe = replicas_may_reduce(params)
                 clean_nodes, clean_leaves = _graph(clean)
                 adversarial_nodes, adversarial_leaves = _graph(adversarial)
-                # Each pass probes parameters it reaches: a probe on unused ones would see nothing.
+                # Each pass also probes parameters it reaches: a probe on unused ones sees nothing.
                 with GradientChangeProbe(params if probe else [], reached=clean_leaves) as clean_probe:
                     clean_grads = _gradients_of(clean, "clean", params,
                                                 retain_graph=not clean_nodes.isdisjoint(adversarial_nodes))

@@ -131,6 +131,25 @@ class SideBranch(nn.Module):
         return self.body(x + self.side(x) if self.used else x)
 
 
+class Checkpointed(nn.Module):
+    """``make_model()`` in one reentrant checkpoint, or (``shared``) a layer applied in two."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.body, self.shared = make_model(), shared
+        self.layer = nn.Linear(5, 5) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = x.detach().requires_grad_()  # a reentrant checkpoint computes gradients only for such inputs
+        if self.layer is None:
+            return checkpoint(self.body, x, use_reentrant=True)
+        for _ in range(2):
+            x = checkpoint(lambda t: torch.tanh(self.layer(t)), x, use_reentrant=True)
+        return self.body(x)
+
+
 def train_with_backward(model: nn.Module, opt: AGROptimizer, batches, rank: int) -> None:
     """As ``train``, with both forwards first and both passes in ``opt.backward`` (TRADES-style code)."""
     lo, hi = rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD
@@ -180,19 +199,25 @@ def backward_checks(rank: int, tmpdir: str) -> None:
     train(model, opt, batches, rank)
     assert_close(model.parameters(), expected, "DDP two-pass protocol after a refused backward()")
 
-    # The largest parameters unused on rank 0 (find_unused_parameters): rank 0 probes the ones its
-    # passes reach, and refuses as rank 1 does (a probe on the unused ones saw nothing, accepted,
-    # and rank 0 drifted while rank 1 raised).
-    side = SideBranch(used=rank == 1)
-    model = DDP(side, find_unused_parameters=True)
-    opt = build(model)
-    try:
-        opt.backward(clean=F.mse_loss(model(x), y), adversarial=F.mse_loss(model(x_adv), y))
-    except RuntimeError as error:
-        assert "clean gradients were averaged" in str(error), str(error)
-    else:
-        raise AssertionError(f"rank {rank}: opt.backward under DDP with the largest parameters unused was accepted")
-    assert not opt.has_stash and opt.step_count == 0 and all(p.grad is None for p in side.parameters())
+    # Probes that saw nothing or the wrong thing: the largest parameters unused on rank 0
+    # (find_unused_parameters; rank 0 accepted and stepped while rank 1 raised); the whole model in a
+    # reentrant checkpoint (its parameters are missing from the loss's graph); a layer in two
+    # reentrant checkpoints (its gradient arrives in two parts, no part's norm that of .grad: both
+    # passes looked averaged, and were accepted).
+    for what, module, options in (
+        ("the largest parameters unused on rank 0", SideBranch(used=rank == 1), {"find_unused_parameters": True}),
+        ("a reentrant checkpoint around the model", Checkpointed(shared=False), {}),
+        ("a layer in two reentrant checkpoints", Checkpointed(shared=True), {"static_graph": True}),
+    ):
+        model = DDP(module, **options)
+        opt = build(model)
+        try:
+            opt.backward(clean=F.mse_loss(model(x), y), adversarial=F.mse_loss(model(x_adv), y))
+        except RuntimeError as error:
+            assert "clean gradients were averaged" in str(error), f"{what}: {error}"
+        else:
+            raise AssertionError(f"rank {rank}: opt.backward under DDP with {what} was accepted")
+        assert not opt.has_stash and opt.step_count == 0 and all(p.grad is None for p in module.parameters())
 
     # DDP warm start: one forward, one pass (backward(clean=None)) is all-reduced as loss.backward().
     plain, with_backward = DDP(make_model()), DDP(make_model())
