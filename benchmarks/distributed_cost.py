@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -105,12 +104,13 @@ def predict(counted: dict[str, Any], throughput: float) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- gloo measurement
-def _worker(rank: int, processes: int, port: int, sizes: dict[str, int], repeats: int, path: str) -> None:
+def _worker(rank: int, processes: int, store: str, sizes: dict[str, int], repeats: int, path: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=processes)
+    # A file rendezvous, not a free port: a port found free by the parent and bound seconds
+    # later by the spawned rank 0 can be taken in between.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
     try:
         results: dict[str, Any] = {}
 
@@ -145,12 +145,10 @@ def measure(counted: dict[str, dict[str, Any]], processes: int, repeats: int) ->
     for name, c in counted.items():
         sizes[f"{name} gradient ({c['bytes_per_gradient_all_reduce']:,} bytes)"] = c["parameters"]
         sizes[f"{name} BatchNorm buffers ({4 * c['bn_buffer_elements']:,} bytes)"] = c["bn_buffer_elements"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "measured.json")
-        mp.spawn(_worker, args=(processes, port, sizes, repeats, path), nprocs=processes)
+        store = os.path.join(tmp, "rendezvous")
+        mp.spawn(_worker, args=(processes, store, sizes, repeats, path), nprocs=processes)
         with open(path) as f:
             seconds = json.load(f)
     measured: dict[str, Any] = {}
