@@ -289,6 +289,18 @@ def test_init_from_reaches_every_process(tmp_path, capsys):
     assert sum(line.startswith("epoch ") for line in done.stdout.splitlines()) == 1
 
 
+def torchrun_script(script: Path, text: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``text`` saved as ``script`` and run by torchrun on two processes with ``--out OUT FLAGS``
+    (importing this tree's agr_optim) -> completed process."""
+    script.write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         "--out", str(out), *flags],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPOSITORY},
+    )
+
+
 RANK_1_LACKS_THE_DATA = """
 import os, sys
 from agr_optim.data import DatasetError
@@ -308,19 +320,46 @@ def test_data_another_process_lacks_is_refused_before_anything_is_written(tmp_pa
     """A process other than rank 0 cannot load the data: rank 0 says so in one line naming the
     process and host, every process exits 2, and rank 0 has written nothing (no config.json, no
     tracker files: it waits for every process's data before its first write)."""
-    script = tmp_path / "lacks.py"
-    script.write_text(RANK_1_LACKS_THE_DATA)
     out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         "--out", str(out), *PROTOCOL.flags(), "--trackers", "tensorboard"],
-        capture_output=True, text=True, timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPOSITORY},
-    )
+    done = torchrun_script(tmp_path / "lacks.py", RANK_1_LACKS_THE_DATA, out, *PROTOCOL.flags(),
+                           "--trackers", "tensorboard")
     errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
     assert len(errors) == 1 and errors[0].startswith("agr-train: error: process 1 of 2 (host "), done.stderr
     assert "scikit-learn is not installed on this host" in errors[0]
     assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr
+    assert not out.exists()
+
+
+RANK_1_STOPS_LATE = """
+import os, sys, time
+from agr_optim.training import cli
+from agr_optim.training.distributed import Stopped
+
+if os.environ["RANK"] == "1":  # a loaded machine: this process stops two seconds after rank 0
+    follow = cli._follow_run
+    def late(world):
+        try:
+            follow(world)
+        except Stopped:
+            time.sleep(2)
+            raise
+    cli._follow_run = late
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_process_that_stops_after_rank_0_keeps_the_runs_status(tmp_path):
+    """A refused run on a loaded machine: rank 0 has exited with status 2 while the other process,
+    stopping too, is a moment behind. torchrun sends SIGTERM to a process still running once one
+    has failed; that process took it for Ctrl-C (a traceback, an interrupt's exit status); it now ends with
+    the run's status, 2, and only rank 0's line is printed."""
+    out = tmp_path / "run"
+    done = torchrun_script(tmp_path / "late.py", RANK_1_STOPS_LATE, out, *PROTOCOL.flags(), "--batch-size", "1")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("agr-train: error:")]
+    assert len(errors) == 1 and errors[0].startswith("agr-train: error: --batch-size 1"), done.stderr
+    assert done.stderr.count("exitcode  : 2 ") == 2 and "[rank1]" not in done.stderr, done.stderr
     assert not out.exists()
 
 

@@ -335,6 +335,7 @@ def _run(
             try:
                 row = trainer.train_epoch(progress)
             except Diverged as error:
+                world.stopping()  # every process stops at this step: the others may exit first
                 raise _diverged(error, trainer, saved) from None
             finally:
                 if bar is not None:

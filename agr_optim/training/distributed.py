@@ -126,6 +126,10 @@ class World:
     def epoch_saved(self) -> None:
         """(Rank 0) the epoch's files are written: the other processes go on."""
 
+    def stopping(self) -> None:
+        """This process stops with the run's status, decided (a refusal, a divergence, a failure):
+        nothing may turn it into an interrupt now."""
+
     def leave(self, code: int | str | None) -> None:
         """(Every process, at its end) leave the run; rank 0's ``code`` stops processes still waiting."""
 
@@ -232,6 +236,7 @@ class ProcessWorld(World):
             self.waiting = False
             if self.main:
                 raise
+            self.stopping()
             print(f"agr-train: process {self.rank}: the run's other processes are gone "
                   f"({str(error).splitlines()[0][:200]})", file=sys.stderr, flush=True)
             raise Stopped(1) from None
@@ -244,6 +249,7 @@ class ProcessWorld(World):
         failed = [(rank, s) for rank, s in enumerate(said) if s is not None]
         if not failed:
             return
+        self.stopping()
         rank, (code, line, host) = failed[0]
         if self.main:
             raise ConfigError(f"process {rank} of {self.size} (host {host}): {line}")
@@ -275,6 +281,7 @@ class ProcessWorld(World):
 
     def fail(self, code: int, error: BaseException) -> NoReturn:
         """(Not rank 0) this process cannot go on: tell the others at the next meeting, then stop."""
+        self.stopping()
         line = str(error).splitlines()[0] if str(error) else type(error).__name__
         self._meet((code, line))
         raise Stopped(code)
@@ -301,6 +308,14 @@ class ProcessWorld(World):
         """(Not rank 0) wait until rank 0 has written the epoch's files (or stop with its status)."""
         self._go_on(self._meet())
 
+    def stopping(self) -> None:
+        # torchrun sends SIGTERM to the processes still running as soon as one has exited with a
+        # failure (its poll, every 0.1 s): a process that stops a moment after another (a loaded
+        # machine) took it for Ctrl-C and ended with a traceback and an interrupt's status instead
+        # of the run's. It is ending by itself now (torchrun sends SIGKILL 30 s later if not).
+        with contextlib.suppress(ValueError):  # not the main thread (a test harness): no handler
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def leave(self, code: int | str | None) -> None:
         try:
             if self.main and self.waiting:
@@ -313,6 +328,7 @@ class ProcessWorld(World):
         """Leave the group and end the process with ``code`` (the streams flushed). ``os._exit``:
         gloo's threads have been seen to abort an exiting interpreter ("terminate called without
         an active exception", SIGABRT), after the run, turning its status into -6."""
+        self.stopping()
         status = code if isinstance(code, int) else 0 if code is None else 1
         if isinstance(code, str):
             print(code, file=sys.stderr)
