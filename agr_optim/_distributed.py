@@ -77,6 +77,28 @@ def replicas_may_reduce(params: Sequence[Tensor]) -> bool:
             and dist.get_world_size() > 1)
 
 
+def refuse_flat_shards(params: Sequence[Tensor], where: str) -> None:
+    """Refuse parameters of FSDP1 (``FullyShardedDataParallel``) across processes.
+
+    FSDP1 flattens a module's parameters into one ``FlatParameter`` per wrapped module and keeps
+    each process's shard of it (with ``use_orig_params=True`` the original parameters become views
+    into that shard); it marks them ``_fsdp_flattened``. They are plain tensors, so AGR would take
+    its cosines and norms of each process's shard: a different update on every process, silently.
+    FSDP2's DTensors carry their placement and are reduced exactly (:class:`MeshReduction`).
+    """
+    if not replicas_may_reduce(params):
+        return
+    for index, p in enumerate(params):
+        if getattr(p, "_fsdp_flattened", False):
+            raise ValueError(
+                f"{where}: parameter {index} (shape {tuple(p.shape)}) is managed by FullyShardedDataParallel "
+                "(FSDP1), whose parameters and gradients are flat shards on each process: AGR's cosines and norms "
+                "would be taken of one shard, a different algorithm on every process. Use FSDP2 "
+                "(torch.distributed.fsdp.fully_shard, whose DTensor gradients AGR reduces exactly) or "
+                "DistributedDataParallel"
+            )
+
+
 class GradientChangeProbe:
     """Whether something changed a backward pass's gradients after autograd computed them.
 

@@ -22,7 +22,7 @@ from ._amp import (
 from ._checkpoint import SETTINGS, STATE_KEY, read_agr_state, strip_agr_state, validate_count
 from ._compiled import reconstruct_rows_compiled
 from ._device import reconstruct_rows, result_rows
-from ._distributed import GradientChangeProbe, is_dtensor, local_tensor, replicas_may_reduce
+from ._distributed import GradientChangeProbe, is_dtensor, local_tensor, refuse_flat_shards, replicas_may_reduce
 from ._flat import layout_for
 from ._gramian import LOW_PRECISION
 from ._stash import ACCUMULATION_RECIPE, KINDS, Stash
@@ -162,6 +162,7 @@ class AGROptimizer(Optimizer):
         validate_count(start_step)
         validate_granularity(granularity, GRANULARITIES)
         validate_fused(fused)
+        refuse_flat_shards([p for group in optimizer.param_groups for p in group["params"]], "AGROptimizer")
         self._optimizer = optimizer
         self._initializing = True
         # Optimizer.__init__ sets up the hook dictionaries and wraps step() so that step
@@ -600,6 +601,7 @@ class AGROptimizer(Optimizer):
         with_stats = mode == "reconstruct" or any(c is not None for c in clean)
         implementation = self._implementation(pair_params, statistics_only=mode != "reconstruct")
         if with_stats:
+            refuse_flat_shards(pair_params, "step()")
             try:
                 validate_gradients(adversarial, clean)
             except ValueError as error:

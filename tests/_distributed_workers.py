@@ -325,6 +325,41 @@ def fsdp_bad_input(rank: int) -> None:
         assert_close(out, [torch.from_numpy(e).float() for e in expected], f"reconstruct on DTensors fused={fused}")
 
 
+# --------------------------------------------------------------------------- FSDP1
+def fsdp1_checks(rank: int, tmpdir: str) -> None:
+    """FSDP1's flat shards are plain tensors: AGR on them took each process's shard's cosine (a
+    parameter difference of 0.03 from one process after 3 steps, measured). Refused: at
+    construction on its flat parameters, and at the step on ``use_orig_params=True`` views of
+    parameters the optimizer was built on before the wrapping; nothing moves."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def refused(call: Callable[[], object], where: str) -> None:
+        try:
+            call()
+        except ValueError as error:
+            message = str(error)
+            assert message.startswith(f"{where}: parameter 0"), message
+            assert "FullyShardedDataParallel (FSDP1)" in message, message
+            assert "fully_shard" in message and "DistributedDataParallel" in message, message
+        else:
+            raise AssertionError(f"rank {rank}: AGR on FSDP1's flat shards was accepted ({where})")
+
+    model = FSDP(make_model(), device_id=torch.device("cpu"))
+    refused(lambda: AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR), clip_norm=CLIP), "AGROptimizer")
+
+    model = make_model()
+    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), clip_norm=CLIP)
+    wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+    x, x_adv, y = (t[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for t in make_batches(1)[0])
+    F.mse_loss(wrapped(x), y).backward()
+    opt.stash_clean()
+    F.mse_loss(wrapped(x_adv), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    refused(opt.step, "step()")
+    assert opt.step_count == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
 # --------------------------------------------------------------------------- DCP
 def dcp_resume(rank: int, tmpdir: str, build: Callable[[], nn.Module], name: str) -> None:
     """get/set_optimizer_state_dict on the wrapper, saved with DCP: a resumed run continues exactly."""

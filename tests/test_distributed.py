@@ -76,3 +76,9 @@ def test_backward_refused_under_ddp_and_equal_to_one_process_where_every_pass_is
     trains to the one-process result; under FSDP2, or hooks that all-reduce every pass, it equals
     one process; the warm start's single pass under DDP equals loss.backward()."""
     spawn("backward_checks", tmp_path)
+
+
+def test_fsdp1_flat_shards_are_refused(tmp_path):
+    """FSDP1 keeps plain-tensor shards: AGR would take each process's shard's cosine. Refused at
+    construction (flat parameters) and at the step (use_orig_params views), nothing moved."""
+    spawn("fsdp1_checks", tmp_path)
