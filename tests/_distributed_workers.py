@@ -86,11 +86,13 @@ def assert_close(params, expected, what: str, tol: float = TOL) -> None:
         assert err <= tol, f"{what}: parameter {i} differs from the reference by {err:.3g} (> {tol})"
 
 
-def run(rank: int, port: int, check: Callable[[int, str], None], tmpdir: str) -> None:
+def run(rank: int, check: Callable[[int, str], None], tmpdir: str) -> None:
     """One rank: the check, then a marker file saying that it passed (written before the
-    teardown, so that the parent can tell a failed check from a crash in gloo's teardown)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    teardown, so that the parent can tell a failed check from a crash in gloo's teardown).
+    The ranks meet through a file in ``tmpdir`` (a port found free by the parent could be taken
+    by another process before rank 0 binds it)."""
+    rendezvous = os.path.join(tmpdir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         check(rank, tmpdir)
         dist.barrier()  # passed by every rank only once every rank's check has passed

@@ -5,8 +5,6 @@ Each test spawns one process group and runs several checks in it (tests/_distrib
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -20,25 +18,19 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(check_name: str, tmp_path) -> None:
     """Run a check on every rank. A failed assertion is re-raised with its traceback. A rank
     killed by a signal (gloo on a loaded machine has been seen to abort with "terminate called
     without an active exception") counts as passed only if a rank had written its marker
     after the checks and a barrier, i.e. the crash came in the teardown; otherwise the run is
-    retried once on a fresh port."""
+    retried once in a fresh folder."""
     import _distributed_workers as workers
     import torch.multiprocessing as mp
 
     def once(directory) -> None:
         directory.mkdir()
         try:
-            mp.spawn(workers.run, args=(free_port(), getattr(workers, check_name), str(directory)),
+            mp.spawn(workers.run, args=(getattr(workers, check_name), str(directory)),
                      nprocs=workers.WORLD)
         except mp.ProcessExitedException as error:
             # A rank writes its marker after a barrier that every rank reaches only once its
