@@ -92,8 +92,9 @@ def refuse_flat_shards(params: Sequence[Tensor], where: str) -> None:
         if getattr(p, "_fsdp_flattened", False):
             raise ValueError(
                 f"{where}: parameter {index} (shape {tuple(p.shape)}) is managed by FullyShardedDataParallel "
-                "(FSDP1), whose parameters and gradients are flat shards on each process: AGR's cosines and norms "
-                "would be taken of one shard, a different algorithm on every process. Use FSDP2 "
+                "(FSDP1), whose parameters and gradients are flat shards on each process (NO_SHARD's are whole but "
+                "flattened per wrapped module, and refused too): AGR's cosines and norms would be taken of one shard, "
+                "a different algorithm on every process. Use FSDP2 "
                 "(torch.distributed.fsdp.fully_shard, whose DTensor gradients AGR reduces exactly) or "
                 "DistributedDataParallel"
             )

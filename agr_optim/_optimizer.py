@@ -438,6 +438,8 @@ class AGROptimizer(Optimizer):
                 "without its partner): finish that step, or call zero_grad(). Nothing was changed"
             )
         params = agr._unique_params()
+        # Before the passes: autograd.grad on FSDP1's parameters fails inside FSDP with a storage error.
+        refuse_flat_shards(params, "backward()")
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None  # what the training code left in .grad is not part of either gradient
@@ -480,6 +482,7 @@ class AGROptimizer(Optimizer):
 
     def _take_stash(self, kind: str) -> None:
         params = self._unique_params()
+        refuse_flat_shards(params, f"stash_{kind}()")
         # Rows for the accelerator schedule; bf16/fp16 gradients stay tensors (their rows are
         # float32: the step gathers them, and the stash keeps the gradients' own dtype).
         rows = self._implementation(params) in _ROW_IMPLEMENTATIONS and not any(
@@ -581,6 +584,10 @@ class AGROptimizer(Optimizer):
                 segment_params=(), with_stats=False, inv_scale=self._scaler_request(current).inv_scale,
                 implementation="none",
             )
+        # Every step, the warm start's plain ones too: a run that would be refused at its first
+        # reconstructing step (parameters swapped for FSDP1's after construction, as Accelerate's
+        # prepare does) is refused before it has trained for the whole warm start.
+        refuse_flat_shards(params, "step()")
         adversarial_of, clean_of = self._sources()
         mode: Mode = "reconstruct" if self.active else "warm_start"
         grads: list[tuple[Tensor, Tensor | None]] = []
@@ -601,7 +608,6 @@ class AGROptimizer(Optimizer):
         with_stats = mode == "reconstruct" or any(c is not None for c in clean)
         implementation = self._implementation(pair_params, statistics_only=mode != "reconstruct")
         if with_stats:
-            refuse_flat_shards(pair_params, "step()")
             try:
                 validate_gradients(adversarial, clean)
             except ValueError as error:

@@ -331,8 +331,9 @@ def fsdp_bad_input(rank: int) -> None:
 def fsdp1_checks(rank: int, tmpdir: str) -> None:
     """FSDP1's flat shards are plain tensors: AGR on them took each process's shard's cosine (a
     parameter difference of 0.03 from one process after 3 steps, measured). Refused: at
-    construction on its flat parameters, and at the step on ``use_orig_params=True`` views of
-    parameters the optimizer was built on before the wrapping; nothing moves."""
+    construction on its flat parameters, and on ``use_orig_params=True`` views of parameters the
+    optimizer was built on before the wrapping by stash_clean(), backward() and every step (a warm
+    start's plain ones too); nothing moves."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     def refused(call: Callable[[], object], where: str) -> None:
@@ -350,16 +351,23 @@ def fsdp1_checks(rank: int, tmpdir: str) -> None:
     refused(lambda: AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR), clip_norm=CLIP), "AGROptimizer")
 
     model = make_model()
-    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), clip_norm=CLIP)
+    # A warm start: its plain steps are refused too (else the refusal came at step start_step).
+    opt = AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), clip_norm=CLIP, start_step=5)
     wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
     x, x_adv, y = (t[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for t in make_batches(1)[0])
     F.mse_loss(wrapped(x), y).backward()
-    opt.stash_clean()
+    refused(opt.stash_clean, "stash_clean()")
+    assert not opt.has_stash
     F.mse_loss(wrapped(x_adv), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     refused(opt.step, "step()")
     assert opt.step_count == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    # opt.backward: AGR's refusal, not FSDP's storage error from autograd.grad on its parameters.
+    opt.zero_grad()
+    refused(lambda: opt.backward(clean=F.mse_loss(wrapped(x), y), adversarial=F.mse_loss(wrapped(x_adv), y)),
+            "backward()")
+    assert not opt.has_stash
 
 
 # --------------------------------------------------------------------------- DCP
