@@ -240,6 +240,11 @@ class AGROptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer (and so to this wrapper)."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (Tensor, list, tuple, set)):  # torch refuses a set
+            param_group["params"] = params = list(params)  # a generator is read once, here (as torch does)
+        if params is not None:
+            refuse_flat_shards([params] if isinstance(params, Tensor) else list(params), "add_param_group()")
         if self.__dict__.get("_initializing", False):
             super().add_param_group(param_group)
         else:

@@ -349,6 +349,9 @@ def fsdp1_checks(rank: int, tmpdir: str) -> None:
 
     model = FSDP(make_model(), device_id=torch.device("cpu"))
     refused(lambda: AGROptimizer(torch.optim.SGD(model.parameters(), lr=LR), clip_norm=CLIP), "AGROptimizer")
+    opt = AGROptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=LR), clip_norm=CLIP)
+    refused(lambda: opt.add_param_group({"params": model.parameters()}), "add_param_group()")
+    assert len(opt.param_groups) == 1
 
     model = make_model()
     # A warm start: its plain steps are refused too (else the refusal came at step start_step).
