@@ -116,6 +116,16 @@ def ddp_checks(rank: int, tmpdir: str) -> None:
         train(model, opt, batches, rank)
         assert_close(model.parameters(), reference_params(batches, granularity),
                      f"DDP {granularity} bucket_view={bucket_view}")
+    # ZeroRedundancyOptimizer inside: it shards the inner optimizer's update, not the gradients
+    # AGR reads (DDP's whole averages), so the result is still one process's.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = DDP(make_model())
+    first, second = groups_of(model)
+    inner = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    inner.add_param_group(second)
+    train(model, AGROptimizer(inner, clip_norm=CLIP, granularity="group"), batches, rank)
+    assert_close(model.parameters(), reference_params(batches, "group"), "DDP + ZeroRedundancyOptimizer")
     dcp_resume(rank, tmpdir, lambda: DDP(make_model()), "ddp")
 
 

@@ -51,7 +51,8 @@ def spawn(check_name: str, tmp_path) -> None:
 
 def test_ddp_equals_one_process_and_dcp_resumes(tmp_path):
     """DDP, half the batch per rank = one process on the whole batch (1e-5), all granularities,
-    bucket views on and off; DCP save/load of the wrapper on DDP resumes bit for bit."""
+    bucket views on and off, and with ZeroRedundancyOptimizer inside; DCP save/load of the wrapper
+    on DDP resumes bit for bit."""
     spawn("ddp_checks", tmp_path)
 
 
@@ -72,5 +73,6 @@ def test_backward_refused_under_ddp_and_equal_to_one_process_where_every_pass_is
 
 def test_fsdp1_flat_shards_are_refused(tmp_path):
     """FSDP1 keeps plain-tensor shards: AGR would take each process's shard's cosine. Refused at
-    construction (flat parameters) and at the step (use_orig_params views), nothing moved."""
+    construction and add_param_group (flat parameters), and by stash_clean, backward and every step,
+    a warm start's too (use_orig_params views), nothing moved."""
     spawn("fsdp1_checks", tmp_path)
