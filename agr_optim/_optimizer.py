@@ -162,7 +162,8 @@ class AGROptimizer(Optimizer):
         validate_count(start_step)
         validate_granularity(granularity, GRANULARITIES)
         validate_fused(fused)
-        refuse_flat_shards([p for group in optimizer.param_groups for p in group["params"]], "AGROptimizer")
+        refuse_flat_shards([p for group in optimizer.param_groups for p in group["params"]], "AGROptimizer",
+                           str(granularity))
         self._optimizer = optimizer
         self._initializing = True
         # Optimizer.__init__ sets up the hook dictionaries and wraps step() so that step
@@ -244,7 +245,8 @@ class AGROptimizer(Optimizer):
         if params is not None and not isinstance(params, (Tensor, list, tuple, set)):  # torch refuses a set
             param_group["params"] = params = list(params)  # a generator is read once, here (as torch does)
         if params is not None:
-            refuse_flat_shards([params] if isinstance(params, Tensor) else list(params), "add_param_group()")
+            refuse_flat_shards([params] if isinstance(params, Tensor) else list(params), "add_param_group()",
+                               self._agr().__dict__.get("_granularity"))
         if self.__dict__.get("_initializing", False):
             super().add_param_group(param_group)
         else:
@@ -444,7 +446,7 @@ class AGROptimizer(Optimizer):
             )
         params = agr._unique_params()
         # Before the passes: autograd.grad on FSDP1's parameters fails inside FSDP with a storage error.
-        refuse_flat_shards(params, "backward()")
+        refuse_flat_shards(params, "backward()", agr._granularity)
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None  # what the training code left in .grad is not part of either gradient
@@ -487,7 +489,7 @@ class AGROptimizer(Optimizer):
 
     def _take_stash(self, kind: str) -> None:
         params = self._unique_params()
-        refuse_flat_shards(params, f"stash_{kind}()")
+        refuse_flat_shards(params, f"stash_{kind}()", self._granularity)
         # Rows for the accelerator schedule; bf16/fp16 gradients stay tensors (their rows are
         # float32: the step gathers them, and the stash keeps the gradients' own dtype).
         rows = self._implementation(params) in _ROW_IMPLEMENTATIONS and not any(
@@ -592,7 +594,7 @@ class AGROptimizer(Optimizer):
         # Every step, the warm start's plain ones too: a run that would be refused at its first
         # reconstructing step (parameters swapped for FSDP1's after construction, as Accelerate's
         # prepare does) is refused before it has trained for the whole warm start.
-        refuse_flat_shards(params, "step()")
+        refuse_flat_shards(params, "step()", self._granularity)
         adversarial_of, clean_of = self._sources()
         mode: Mode = "reconstruct" if self.active else "warm_start"
         grads: list[tuple[Tensor, Tensor | None]] = []

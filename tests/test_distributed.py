@@ -76,3 +76,53 @@ def test_fsdp1_flat_shards_are_refused(tmp_path):
     construction and add_param_group (flat parameters), and by stash_clean, backward and every step,
     a warm start's too (use_orig_params views), nothing moved."""
     spawn("fsdp1_checks", tmp_path)
+
+
+FSDP1_ONE_PROCESS = r"""
+import sys
+import torch, torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+sys.path.insert(0, {tests!r})
+import _distributed_workers as W
+from agr_optim import AGROptimizer
+
+dist.init_process_group("gloo", init_method="file://{rendezvous}", rank=0, world_size=1)
+try:
+    model = FSDP(W.make_model(), device_id=torch.device("cpu"))  # use_orig_params=False: one FlatParameter
+    try:
+        AGROptimizer(torch.optim.SGD(model.parameters(), lr=W.LR), clip_norm=W.CLIP, granularity="tensor")
+    except ValueError as error:
+        message = str(error)
+        assert message.startswith("AGROptimizer: parameter 0") and "FlatParameter" in message, message
+        assert "use_orig_params=True" in message and "granularity='group' or 'global'" in message, message
+    else:
+        raise AssertionError("granularity='tensor' on a FlatParameter was accepted")
+    # The same elements in one segment: granularity 'global' is the unwrapped model's AGR.
+    plain = W.make_model()
+    batches = W.make_batches(3)
+    for m in (model, plain):
+        opt = AGROptimizer(torch.optim.SGD(m.parameters(), lr=W.LR, momentum=W.MOMENTUM), clip_norm=W.CLIP,
+                           granularity="global")
+        W.train(m, opt, batches, rank=0, sharded_batch=False)
+    with FSDP.summon_full_params(model):
+        got = [p.detach().clone() for p in model.module.parameters()]
+    err = max((a - b).abs().max().item() for a, b in zip(got, plain.parameters()))
+    assert err <= W.TOL, err
+    print("ok")
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp1_in_one_process_refuses_tensor_granularity_on_flat_parameters(tmp_path):
+    """In one process FSDP1's gradients are whole, but a FlatParameter is a wrapped module flattened:
+    granularity 'tensor' would take one cosine per module (0.04 from the unwrapped model after 3
+    steps, measured), so it is refused naming both ways out; 'global' equals the unwrapped model."""
+    import os
+    import subprocess
+    import sys
+
+    script = FSDP1_ONE_PROCESS.format(tests=os.path.dirname(__file__), rendezvous=tmp_path / "rendezvous")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
